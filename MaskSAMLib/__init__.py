@@ -1,0 +1,11 @@
+"""MaskSAMLib: MaskSAM (prompt-free SAM for 3D medical images) as a library.
+
+No Qt or slicer imports: the same code serves the CLI, batch jobs, training and the Slicer
+module (which runs it in a child process). Heavy modules import lazily.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,193 @@
+"""The ``masksam`` command line (also ``python -m MaskSAMLib``).
+
+Each subcommand is a thin ``*_entry`` over the importable API. Shared conventions
+(INTERFACES.md): ``--progress json``, ``--debug``, ``--quiet``; exit codes 0 success, 1 a failure
+the user can fix, 2 usage error, 130 interrupted; one-line errors on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from . import __version__
+from .errors import MaskSAMError, UsageError
+from .progress import Progress
+
+RESEARCH_NOTICE = (
+    "For research use only; not a medical device and not for diagnosis. No clinically trained "
+    "model ships with MaskSAMSlicer."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with code 2 and a one-line message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{message} (see '{self.prog} --help').")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=["json", "tqdm", "none"], default=None,
+                        help="progress output: json events on stdout (for the Slicer GUI), "
+                             "tqdm bars (default in a terminal) or none")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", action="store_true", help="only errors on stderr")
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    mode = args.progress or ("tqdm" if sys.stderr.isatty() else "none")
+    return Progress(mode, quiet=args.quiet)
+
+
+# ----------------------------------------------------------------------------- init
+def read_label_file(path: str | Path) -> tuple[list, list[str] | None]:
+    """Labels (LabelSpecs, background first) and channel names from ``--labels FILE``.
+
+    Accepts an nnU-Net ``dataset.json`` (``labels`` and ``channel_names``), a JSON list of names
+    (background first) or a JSON object ``{name: value}``.
+    """
+    from .config import make_labels
+    from .labels import parse_labels
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise MaskSAMError(f"Label file {path} does not exist; check the path.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MaskSAMError(f"Label file {path} is not valid JSON ({exc}); fix the file.") from exc
+    channels = None
+    if isinstance(data, dict) and "labels" in data:
+        raw = data["labels"]
+        if isinstance(data.get("channel_names"), dict):
+            chan = data["channel_names"]
+            channels = [str(chan[k]) for k in sorted(chan, key=lambda k: int(k))]
+    else:
+        raw = data
+    if isinstance(raw, list):
+        if not all(isinstance(n, str) for n in raw):
+            raise MaskSAMError(f"{path}: a label list must hold names (strings).")
+        raw = {name: value for value, name in enumerate(raw)}
+    mapping = parse_labels(raw, source=str(path))
+    names = sorted(mapping, key=mapping.__getitem__)
+    return make_labels(names, [mapping[n] for n in names]), channels
+
+
+def init_entry(args: argparse.Namespace) -> int:
+    from .modeling.build import create_model, save_model_dir
+
+    progress = _progress(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MaskSAMError(f"{out} already exists and is not empty; choose a new --out folder.")
+    labels, channels = read_label_file(args.labels)
+    channels = channels or list(args.modality)
+    preprocessing = {"channel_names": channels}
+    progress.start("init", total=2)
+    model = create_model(
+        backbone=args.backbone, labels=labels, sam_checkpoint=args.sam_checkpoint,
+        img_size=args.img_size, num_slices=args.slices, num_queries=args.queries,
+        in_channels=len(channels), preprocessing=preprocessing, seed=args.seed,
+    )
+    model.config.provenance["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
+    progress.update(1, 2)
+    save_model_dir(model, out)
+    progress.update(2, 2)
+    cfg = model.config
+    progress.done(
+        f"Wrote {out} ({cfg.backbone.name}, {cfg.num_classes} classes, T={cfg.num_slices}, "
+        f"N={cfg.num_queries}, input {cfg.img_size}).", model_dir=str(out),
+    )
+    if progress.mode != "json" and not args.quiet:
+        print(f"Model written to {out}", file=sys.stderr)
+    return 0
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="create a model folder from backbone weights and labels",
+                       description="Create a MaskSAM model folder (config.json + "
+                                   "model.safetensors) from backbone weights and a label list.")
+    p.add_argument("--backbone", required=True,
+                   choices=["litemedsam", "vit_b", "vit_l", "vit_h", "tiny"])
+    p.add_argument("--sam-checkpoint", help="Meta's sam_vit_*.pth for vit_b/vit_l/vit_h "
+                                            "(litemedsam finds its weights by itself)")
+    p.add_argument("--labels", required=True,
+                   help="an nnU-Net dataset.json or a JSON list of class names (background first)")
+    p.add_argument("--out", required=True, help="the new model folder")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size (default: 256 litemedsam, 512 vit_*, 64 tiny)")
+    p.add_argument("--slices", type=int, default=3, help="T, slices per window (default 3)")
+    p.add_argument("--queries", type=int, default=0,
+                   help="N, queries (default: number of classes + 2)")
+    p.add_argument("--modality", action="append", default=None,
+                   help="channel name(s) when --labels is not a dataset.json (default CT)")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=init_entry)
+
+
+# ----------------------------------------------------------------------------- main
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_init]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="masksam",
+        description="MaskSAM: prompt-free 3D medical image segmentation with SAM. "
+        + RESEARCH_NOTICE,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        if getattr(args, "modality", "absent") is None:
+            args.modality = ["CT"]
+        return int(args.func(args) or 0)
+    except MaskSAMError as exc:
+        if debug:
+            traceback.print_exc()
+        _report(argv, str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _report(argv, "Interrupted.")
+        return 130
+    except MemoryError:
+        _report(argv, "Out of memory; use --fast, a smaller batch or another device.")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        _report(argv, f"Unexpected error: {type(exc).__name__}: {exc} (run again with --debug "
+                      "and report the traceback).")
+        return 1
+
+
+def _report(argv: list[str], message: str) -> None:
+    if "--progress" in argv and "json" in argv:
+        Progress("json").error(" ".join(message.split()))
+    else:
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def entry_point() -> None:
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Model configuration: one dataclass saved as ``config.json`` next to ``model.safetensors``.
+
+Variants are config values (backbone, input size, slices T, queries N), never copied files, and
+the config alone rebuilds the network (nanoGPT style). ``format_version`` guards the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MaskSAMError
+
+FORMAT_VERSION = 1
+BACKBONES = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
+
+
+@dataclass
+class LabelSpec:
+    """One class: label value in the label map, display name, RGB colour 0-255, terminology."""
+
+    value: int
+    name: str
+    color: list[int]
+    terminology: str | None = None
+
+
+@dataclass
+class BackboneConfig:
+    """Architecture of the SAM part. Fields not used by a backbone keep their defaults."""
+
+    name: str
+    # ViT (SAM) encoder
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    global_attn_indexes: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    feature_indexes: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    window_size: int = 14
+    patch_size: int = 16
+    geometry: int = 1024  # the input size the ViT is built at (pos_embed grid = geometry/patch)
+    # prompt encoder / mask decoder
+    prompt_embed_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    decoder_depth: int = 2
+    # the fixed input path the pretrained encoder expects (see modeling/stem.py)
+    input_scaling: str = "sam_rgb"  # "sam_rgb": 0-255 RGB with SAM's mean/std; "unit": [0, 1]
+
+
+def default_backbone(name: str) -> BackboneConfig:
+    """The architecture of each named backbone (official SAM sizes, LiteMedSAM, tiny)."""
+    if name == "vit_b":
+        return BackboneConfig(name=name)
+    if name == "vit_l":
+        idx = [5, 11, 17, 23]
+        return BackboneConfig(name, 1024, 24, 16, idx, list(idx))
+    if name == "vit_h":
+        idx = [7, 15, 23, 31]
+        return BackboneConfig(name, 1280, 32, 16, idx, list(idx))
+    if name == "tiny":
+        # A small random SAM-shaped model for tests and CPU demos: windowed and global
+        # attention, rel-pos tables, a real prompt encoder and two-way decoder.
+        return BackboneConfig(
+            name=name, embed_dim=64, depth=4, num_heads=2, global_attn_indexes=[1, 3],
+            feature_indexes=[0, 1, 2, 3], window_size=4, geometry=128,
+            prompt_embed_dim=64, decoder_mlp_dim=256, decoder_num_heads=4,
+        )
+    if name == "litemedsam":
+        # TinyViT (fixed architecture, see modeling/tiny_vit.py); stride-4 output at 256 input.
+        return BackboneConfig(
+            name=name, embed_dim=320, depth=10, num_heads=10, global_attn_indexes=[],
+            feature_indexes=[0, 1, 2, 3], window_size=7, patch_size=4, geometry=256,
+            input_scaling="unit",
+        )
+    raise MaskSAMError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
+
+
+def default_img_size(backbone: str) -> int:
+    """Input size per backbone on CPU-first defaults (LiteMedSAM only works at 256)."""
+    return {"litemedsam": 256, "tiny": 64, "vit_b": 512, "vit_l": 512, "vit_h": 512}[backbone]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a MaskSAM network and run it on a volume."""
+
+    backbone: BackboneConfig
+    labels: list[LabelSpec]
+    img_size: int = 256
+    num_slices: int = 3  # T: fixed by the depth-MLP adapters; volumes are padded, never T changed
+    num_queries: int = 0  # N: 0 means derived from the labels
+    in_channels: int = 1
+    adapter_reduction: int = 4
+    prompt_generator_channels: list[int] = field(default_factory=lambda: [256, 128, 64])
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_classes(self) -> int:
+        """K: classes including background (the no-object class is extra)."""
+        return len(self.labels)
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of SAM's image embedding grid at this input size."""
+        return self.img_size // self.backbone.patch_size
+
+    def validate(self) -> None:
+        """Raise MaskSAMError for an inconsistent configuration."""
+        b = self.backbone
+        if b.name not in BACKBONES:
+            raise MaskSAMError(f"Unknown backbone {b.name!r}; choose one of {', '.join(BACKBONES)}.")
+        if not self.labels or self.labels[0].value != 0:
+            raise MaskSAMError("The label list must start with background (value 0).")
+        values = [lab.value for lab in self.labels]
+        if len(set(values)) != len(values):
+            raise MaskSAMError(f"Label values must be unique, got {values}.")
+        names = [lab.name for lab in self.labels]
+        if len(set(names)) != len(names):
+            raise MaskSAMError(f"Label names must be unique, got {names}.")
+        if self.num_queries == 0:
+            self.num_queries = derive_num_queries(len(self.labels))
+        if self.num_queries < len(self.labels):
+            raise MaskSAMError(
+                f"num_queries={self.num_queries} is smaller than the {len(self.labels)} classes "
+                "(background included) that can appear in one slice; use at least "
+                f"{len(self.labels)} queries."
+            )
+        if self.num_slices < 1:
+            raise MaskSAMError(f"num_slices must be >= 1, got {self.num_slices}.")
+        if b.name == "litemedsam" and self.img_size != 256:
+            raise MaskSAMError("The litemedsam backbone only works at 256x256 input; use 256.")
+        if self.img_size % b.patch_size or self.img_size < 4 * b.patch_size:
+            raise MaskSAMError(
+                f"img_size {self.img_size} must be a multiple of {b.patch_size} and at least "
+                f"{4 * b.patch_size}."
+            )
+        if math.isqrt(b.prompt_embed_dim) ** 2 != b.prompt_embed_dim:
+            raise MaskSAMError("prompt_embed_dim must be a square number (e.g. 64 or 256).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Parse a dict (from config.json), with one-line errors for malformed content."""
+        if not isinstance(data, dict):
+            raise MaskSAMError("config.json must hold a JSON object.")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise MaskSAMError(
+                f"config.json has format_version {version!r}; this MaskSAMLib reads version "
+                f"{FORMAT_VERSION}. Upgrade MaskSAMLib or re-create the model."
+            )
+        try:
+            backbone_data = dict(data["backbone"])
+            name = backbone_data.get("name")
+            if name not in BACKBONES:
+                raise MaskSAMError(
+                    f"config.json asks for unknown backbone {name!r}; known: {', '.join(BACKBONES)}."
+                )
+            backbone = BackboneConfig(**backbone_data)
+            labels = [LabelSpec(**lab) for lab in data["labels"]]
+            rest = {k: v for k, v in data.items() if k not in ("backbone", "labels")}
+            return cls(backbone=backbone, labels=labels, **rest)
+        except MaskSAMError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MaskSAMError(f"config.json is malformed ({exc}); re-create the model.") from exc
+
+    def save(self, path: str | Path) -> None:
+        from .files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise MaskSAMError(f"{path} is missing; this is not a MaskSAM model folder.") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MaskSAMError(f"Cannot read {path} ({exc}); re-create the model.") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MaskSAMError(f"{path} is not valid JSON ({exc.msg}); re-create the model.") from exc
+        return cls.from_dict(data)
+
+
+def make_model_config(
+    *,
+    backbone: str,
+    labels: list[LabelSpec],
+    img_size: int | None = None,
+    num_slices: int = 3,
+    num_queries: int = 0,
+    in_channels: int = 1,
+    preprocessing: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> ModelConfig:
+    """A ModelConfig with each backbone's defaults (input size, decoder widths)."""
+    arch = default_backbone(backbone)
+    channels = [64, 32, 16] if backbone == "tiny" else [256, 128, 64]
+    return ModelConfig(
+        backbone=arch,
+        labels=labels,
+        img_size=img_size or default_img_size(backbone),
+        num_slices=num_slices,
+        num_queries=num_queries,
+        in_channels=in_channels,
+        prompt_generator_channels=channels,
+        preprocessing=dict(preprocessing or {}),
+        provenance=dict(provenance or {}),
+    )
+
+
+def derive_num_queries(num_classes: int) -> int:
+    """Default N: every class (background included) plus slack for 'no object' queries."""
+    return num_classes + 2
+
+
+# A colour table for names without a known colour (Slicer-like distinct colours).
+_PALETTE = [
+    (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
+    (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0),
+    (255, 250, 220), (230, 220, 70), (200, 200, 235), (250, 250, 210), (244, 214, 49),
+    (0, 151, 206), (216, 101, 79), (183, 156, 220), (183, 214, 211), (152, 189, 207),
+]
+_KNOWN_COLORS = {
+    "liver": (221, 130, 101), "spleen": (157, 108, 162), "kidney_left": (185, 102, 83),
+    "kidney_right": (185, 102, 83), "kidney": (185, 102, 83), "stomach": (216, 132, 105),
+    "aorta": (224, 97, 76), "pancreas": (249, 180, 111), "gallbladder": (139, 150, 98),
+    "inferior_vena_cava": (0, 151, 206), "esophagus": (211, 171, 143), "heart": (206, 110, 84),
+    "urinary_bladder": (222, 154, 132), "lung": (197, 165, 145), "bone": (241, 214, 145),
+    "vertebra": (241, 214, 145), "spine": (241, 214, 145), "duodenum": (255, 253, 229),
+    "small_bowel": (205, 167, 142), "colon": (204, 168, 143), "prostate": (230, 158, 140),
+}
+
+
+def make_labels(names: list[str], values: list[int] | None = None) -> list[LabelSpec]:
+    """LabelSpecs for names in order, background first (values default to the positions)."""
+    if values is None:
+        values = list(range(len(names)))
+    if len(values) != len(names):
+        raise MaskSAMError("make_labels needs one value per name.")
+    labels = []
+    for value, name in zip(values, names):
+        if value == 0:
+            color = [0, 0, 0]
+        else:
+            key = name.lower()
+            rgb = _KNOWN_COLORS.get(key) or _PALETTE[(value - 1) % len(_PALETTE)]
+            color = list(rgb)
+        labels.append(LabelSpec(value=value, name=name, color=color))
+    return labels

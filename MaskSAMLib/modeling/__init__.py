@@ -1,0 +1,1 @@
+"""The MaskSAM network: SAM backbones with depth adapters, the prompt generator and heads."""
