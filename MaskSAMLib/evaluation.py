@@ -35,6 +35,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import MaskSAMError
+from .labels import parse_labels
 from .files import atomic_write_text
 
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -190,18 +191,7 @@ def load_labels(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, int]
             raise MaskSAMError(f'{path} has no "labels" mapping like {{"background": 0, ...}}.')
         if raw.get("background") != 0:
             raise MaskSAMError(f'{path} must declare "background": 0 in its labels.')
-    labels: dict[str, int] = {}
-    for name, value in raw.items():
-        if isinstance(value, (list, tuple)):
-            raise MaskSAMError(
-                f"Region-based label {name!r} in {where} is not supported; use one value per class."
-            )
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise MaskSAMError(f"Label {name!r} in {where} must be a non-negative integer.")
-        if value in labels.values():
-            raise MaskSAMError(f"Label value {value} is used twice in {where}.")
-        labels[str(name)] = value
-    return labels
+    return {str(k): v for k, v in parse_labels(dict(raw), source=where).items()}
 
 
 # --- files ------------------------------------------------------------------------------------

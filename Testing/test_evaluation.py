@@ -255,7 +255,7 @@ def test_labels_from_dataset_json(tmp_path):
     assert _by_value(report["mean"])[3]["dice"] == 1.0  # absent everywhere
     assert any("undeclared values [2]" in w for w in report["warnings"])
     ds.write_text(json.dumps({"labels": {"background": 0, "tumour": [1, 2]}}))
-    with pytest.raises(MaskSAMError, match="Region-based"):
+    with pytest.raises(MaskSAMError, match="region-based"):
         load_labels(ds)
     ds.write_text(json.dumps({"labels": {"liver": 1}}))
     with pytest.raises(MaskSAMError, match="background"):
