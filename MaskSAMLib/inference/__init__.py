@@ -1,0 +1,1 @@
+"""Inference: sliding windows over slabs of T slices, and the volume-level predictor."""

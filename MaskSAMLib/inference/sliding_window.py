@@ -1,0 +1,146 @@
+"""Sliding-window inference over a preprocessed volume, streaming slab by slab.
+
+Windows of ``T`` slices x ``S x S`` pixels (``S`` = the model's input size) cover the volume
+with overlap (``step`` as a fraction of the window); in-plane tiles cover slices larger than
+``S``, and smaller ones are padded. Each window's MaskFormer class scores are weighted by a
+Gaussian importance map and accumulated per slice. Windows run in z order, so a slice is final
+as soon as no later window reaches it: it is turned into class indices at once and its scores
+are dropped. Class scores are therefore held for a few slices only, never for the whole
+volume, whatever its size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..modeling.semantic import semantic_probabilities
+
+
+def window_starts(length: int, window: int, step: float) -> list[int]:
+    """Start positions covering ``length`` with windows of ``window`` at ``step`` overlap."""
+    if length <= window:
+        return [0]
+    stride = max(1, int(window * step))
+    count = math.ceil((length - window) / stride) + 1
+    last = length - window
+    return sorted({min(i * stride, last) for i in range(count)} | {last})
+
+
+def gaussian_weights(t: int, size: int, sigma_scale: float = 0.125) -> torch.Tensor:
+    """``(T, S, S)`` importance map: Gaussian in-plane, flat-topped Gaussian across slices."""
+    def g(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        sigma = max(n * sigma_scale, 0.5)
+        return torch.exp(-0.5 * (x / sigma) ** 2)
+
+    inplane = g(size)[:, None] * g(size)[None, :]
+    across = g(t) if t > 2 else torch.ones(t)
+    w = across[:, None, None] * inplane[None]
+    w = w / w.max()
+    return w.clamp_min(1e-3)
+
+
+def _windows(z: int, y: int, x: int, t: int, s: int, step: float) -> Iterator[tuple[int, int, int]]:
+    for z0 in window_starts(z, t, step):
+        for y0 in window_starts(y, s, step):
+            for x0 in window_starts(x, s, step):
+                yield z0, y0, x0
+
+
+def count_windows(shape: tuple[int, int, int], t: int, s: int, step: float) -> int:
+    z, y, x = shape
+    return len(window_starts(z, t, step)) * len(window_starts(y, s, step)) * len(
+        window_starts(x, s, step))
+
+
+@torch.no_grad()
+def sliding_window_labels(
+    image: torch.Tensor,
+    model: torch.nn.Module,
+    *,
+    step: float = 0.5,
+    batch_windows: int = 2,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    mirror_axes: tuple[int, ...] = (),
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Class indices of a preprocessed volume.
+
+    Args:
+        image: ``(C, Z, Y, X)`` float32 normalised intensities (slices along Z).
+        model: a MaskSAM (``num_slices``, ``img_size``, ``num_classes`` attributes).
+        step: window overlap as a fraction of the window (0.5 = half overlap).
+        batch_windows: windows per forward pass.
+        mirror_axes: test-time mirroring over these axes of a ``(B, C, T, H, W)`` window
+            (2 = slices, 3 = Y, 4 = X); the caller leaves out the left-right axis when the
+            labels are lateralized.
+        progress: called with ``(windows done, windows total)``.
+        should_stop: polled between batches; returning True raises ``InterruptedError``.
+    Returns:
+        ``(Z, Y, X)`` uint8 (uint16 for more than 255 classes) class indices.
+    """
+    t, s, k = model.num_slices, model.img_size, model.num_classes
+    c, z, y, x = image.shape
+    pad_z, pad_y, pad_x = max(t - z, 0), max(s - y, 0), max(s - x, 0)
+    if pad_z or pad_y or pad_x:
+        fill = float(image.min())
+        padded = image.new_full((c, z + pad_z, y + pad_y, x + pad_x), fill)
+        padded[:, :z, :y, :x] = image
+        image = padded
+    zz, yy, xx = image.shape[1:]
+    weights = gaussian_weights(t, s)
+    out = np.zeros((zz, yy, xx), dtype=np.uint8 if k < 256 else np.uint16)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    windows = list(_windows(zz, yy, xx, t, s, step))
+    total = len(windows)
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+        if amp_dtype is not None else contextlib.nullcontext()
+    )
+
+    def finalize(before: int) -> None:
+        for zi in sorted(i for i in pending if i < before):
+            scores, wsum = pending.pop(zi)
+            out[zi] = (scores / wsum.clamp_min(1e-8)).argmax(0).numpy().astype(out.dtype)
+
+    done = 0
+    for start in range(0, total, batch_windows):
+        if should_stop is not None and should_stop():
+            raise InterruptedError("stopped")
+        batch = windows[start:start + batch_windows]
+        finalize(batch[0][0])
+        crops = torch.stack([image[:, z0:z0 + t, y0:y0 + s, x0:x0 + s] for z0, y0, x0 in batch])
+        crops = crops.to(device)
+        with autocast:
+            probs = _predict(model, crops, mirror_axes)
+        probs = probs.float().cpu()  # (B, K, T, S, S)
+        for (z0, y0, x0), p in zip(batch, probs):
+            for dz in range(t):
+                zi = z0 + dz
+                if zi not in pending:
+                    pending[zi] = (torch.zeros(k, yy, xx), torch.zeros(yy, xx))
+                scores, wsum = pending[zi]
+                scores[:, y0:y0 + s, x0:x0 + s] += p[:, dz] * weights[dz]
+                wsum[y0:y0 + s, x0:x0 + s] += weights[dz]
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+    finalize(zz)
+    return out[:z, :y, :x]
+
+
+def _predict(model: torch.nn.Module, crops: torch.Tensor, mirror_axes: tuple[int, ...]):
+    """Mean class scores ``(B, K, T, S, S)`` over the identity and each mirrored copy."""
+    out = model(crops)
+    probs = semantic_probabilities(out["pred_logits"], out["pred_masks"])
+    for axis in mirror_axes:
+        o = model(crops.flip(axis))
+        probs = probs + semantic_probabilities(o["pred_logits"], o["pred_masks"]).flip(axis)
+    return probs / (1 + len(mirror_axes))
