@@ -1,0 +1,1 @@
+"""The data stage: reading/writing volumes, dataset.json, preprocessing and its inverse."""

@@ -1,0 +1,375 @@
+"""nnU-Net v2 / Medical Segmentation Decathlon dataset folders: loading and validation.
+
+nnU-Net v2 layout::
+
+    DATASET/dataset.json   {"channel_names": {"0": "CT"}, "labels": {"background": 0, ...},
+                            "numTraining": N, "file_ending": ".nii.gz"}
+    DATASET/imagesTr/CASE_0000.nii.gz, CASE_0001.nii.gz, ...   (one 3D file per channel)
+    DATASET/labelsTr/CASE.nii.gz
+
+MSD layout: ``dataset.json`` with ``modality`` (or ``channel_names``), ``labels`` as
+``{"0": "background", "1": "liver"}`` and ``training``:
+``[{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]``. A multi-modal MSD
+image is one 4D file: it is refused with a message saying how to split it per channel.
+
+:func:`load_dataset` reads the description (refusing what cannot work at all: missing keys,
+region-based labels, no background); :func:`validate_dataset` checks every case and raises one
+:class:`MaskSAMError` summarising all problems, each naming its case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MaskSAMError
+from ..files import split_extension
+from .io import DEFAULT_MAX_VOXELS, read_image_info, read_volume
+
+MAX_REPORTED = 3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: its channel files (in channel order) and its label map."""
+
+    case_id: str
+    image_paths: tuple[Path, ...]
+    label_path: Path | None
+
+
+@dataclass
+class DatasetSpec:
+    """What a dataset folder holds (see the module docstring for the two layouts)."""
+
+    folder: Path
+    name: str
+    channel_names: list[str]
+    labels: dict[str, int]
+    file_ending: str
+    cases: list[Case]
+    layout: str = "nnunet"
+    num_training: int | None = None
+    extra_images: list[str] = field(default_factory=list)
+
+    def label_entries(self) -> list[dict[str, Any]]:
+        """``[{"value", "name"}]`` sorted by value, background included."""
+        return [{"value": v, "name": n} for n, v in sorted(self.labels.items(), key=lambda x: x[1])]
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise MaskSAMError(f"{path} does not exist; a dataset folder needs a dataset.json.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MaskSAMError(f"{path} is not valid JSON ({exc}); fix the file.") from exc
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def parse_labels(raw: Any, source: str, *, require_background: bool = True) -> dict[str, int]:
+    """``{name: value}`` from nnU-Net ``{name: value}`` or MSD ``{"value": name}`` form."""
+    if not isinstance(raw, dict) or not raw:
+        raise MaskSAMError(f"{source}: 'labels' must be a non-empty mapping of names to values.")
+    for name, value in raw.items():
+        if isinstance(value, (list, tuple)):
+            raise MaskSAMError(
+                f"{source}: label '{name}' is region-based ({value}); MaskSAM needs one integer "
+                "value per class: convert the regions to plain labels."
+            )
+    msd = all(_as_int(k) is not None and isinstance(v, str) for k, v in raw.items())
+    pairs = (
+        [(str(v), _as_int(k)) for k, v in raw.items()]
+        if msd
+        else [(str(k), _as_int(v)) for k, v in raw.items()]
+    )
+    labels: dict[str, int] = {}
+    for name, value in pairs:
+        if value is None or not 0 <= value < 65536:
+            raise MaskSAMError(
+                f"{source}: label '{name}' needs an integer value 0-65535; fix 'labels'."
+            )
+        if not name.strip() or name in labels:
+            raise MaskSAMError(f"{source}: label name '{name}' is empty or repeated.")
+        if value in labels.values():
+            raise MaskSAMError(f"{source}: label value {value} is used twice; fix 'labels'.")
+        labels[name] = value
+    if require_background and 0 not in labels.values():
+        raise MaskSAMError(
+            f"{source}: 'labels' must declare the background as value 0 (e.g. \"background\": 0)."
+        )
+    return dict(sorted(labels.items(), key=lambda item: item[1]))
+
+
+def _channel_names(data: dict[str, Any], source: str) -> list[str]:
+    raw = data.get("channel_names", data.get("modality"))
+    if not isinstance(raw, dict) or not raw:
+        raise MaskSAMError(
+            f"{source}: needs 'channel_names' (or MSD 'modality'), e.g. {{\"0\": \"CT\"}}."
+        )
+    keys = sorted((_as_int(k), str(v)) for k, v in raw.items() if _as_int(k) is not None)
+    if [k for k, _ in keys] != list(range(len(raw))):
+        raise MaskSAMError(
+            f'{source}: \'channel_names\' keys must be "0", "1", ... without gaps; got {list(raw)}.'
+        )
+    return [name for _, name in keys]
+
+
+def _entry_path(folder: Path, entry: Any, what: str, source: str) -> Path:
+    if not isinstance(entry, str) or not entry.strip():
+        raise MaskSAMError(f"{source}: a training '{what}' entry is not a path: {entry!r}.")
+    return folder / entry
+
+
+def _case_id_from(path: Path, ending: str) -> str:
+    name = path.name
+    return name[: -len(ending)] if ending and name.endswith(ending) else split_extension(name)[0]
+
+
+def load_dataset(folder: str | os.PathLike) -> DatasetSpec:
+    """Read ``folder/dataset.json`` and list the cases (nnU-Net v2 or MSD layout)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MaskSAMError(f"{folder} is not a folder; pass the dataset folder.")
+    source = str(folder / "dataset.json")
+    data = _read_json(folder / "dataset.json")
+    if not isinstance(data, dict):
+        raise MaskSAMError(f"{source}: must hold a JSON object.")
+    channels = _channel_names(data, source)
+    labels = parse_labels(data.get("labels"), source)
+    name = str(data.get("name") or folder.name)
+    num_training = _as_int(data.get("numTraining"))
+    training = data.get("training")
+    if isinstance(training, list) and training and "file_ending" not in data:
+        return _load_msd(folder, data, source, name, channels, labels, num_training)
+    ending = data.get("file_ending")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise MaskSAMError(f"{source}: needs 'file_ending' such as \".nii.gz\".")
+    labels_dir, images_dir = folder / "labelsTr", folder / "imagesTr"
+    if not labels_dir.is_dir():
+        raise MaskSAMError(f"{labels_dir} is missing; put one label map per case there.")
+    label_files = sorted(
+        p for p in labels_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
+    )
+    if not label_files:
+        raise MaskSAMError(f"No '*{ending}' label files in {labels_dir}; add the label maps.")
+    cases = []
+    for label_file in label_files:
+        case_id = label_file.name[: -len(ending)]
+        images = tuple(images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channels)))
+        cases.append(Case(case_id, images, label_file))
+    known = {f"{c.case_id}_{i:04d}{ending}" for c in cases for i in range(len(channels))}
+    extra = []
+    if images_dir.is_dir():
+        extra = sorted(
+            p.name
+            for p in images_dir.iterdir()
+            if p.name.endswith(ending) and not p.name.startswith(".") and p.name not in known
+        )
+    return DatasetSpec(folder, name, channels, labels, ending, cases, "nnunet", num_training, extra)
+
+
+def _load_msd(
+    folder: Path,
+    data: dict[str, Any],
+    source: str,
+    name: str,
+    channels: list[str],
+    labels: dict[str, int],
+    num_training: int | None,
+) -> DatasetSpec:
+    cases = []
+    ending = ""
+    for index, entry in enumerate(data["training"]):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise MaskSAMError(f"{source}: training entry {index} needs 'image' and 'label'.")
+        raw_images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        images = tuple(_entry_path(folder, e, "image", source) for e in raw_images)
+        label = _entry_path(folder, entry["label"], "label", source)
+        ending = ending or split_extension(label.name)[1]
+        cases.append(Case(_case_id_from(label, ending), images, label))
+    return DatasetSpec(folder, name, channels, labels, ending, cases, "msd", num_training)
+
+
+# -- validation -----------------------------------------------------------------------------
+def _escapes(folder: Path, path: Path) -> str | None:
+    """Why ``path`` is not safely inside ``folder`` (None when it is)."""
+    root = os.path.normpath(os.path.abspath(folder))
+    lexical = os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([root, lexical]) != root:
+        return "is outside the dataset folder (absolute path or '..')"
+    real_root = os.path.realpath(folder)
+    real_path = os.path.realpath(path)
+    if os.path.lexists(path) and os.path.commonpath([real_root, real_path]) != real_root:
+        return "is a symbolic link pointing outside the dataset folder"
+    return None
+
+
+def _relative(folder: Path, path: Path) -> str:
+    try:
+        return os.path.relpath(path, folder)
+    except ValueError:
+        return str(path)
+
+
+def _label_values(array: np.ndarray) -> tuple[list[int], str | None]:
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(array == np.round(array)):
+            return [], "holds non-integer values; save it as an integer label map"
+        array = array.astype(np.int64)
+    low = int(array.min())
+    if low < 0:
+        return [], f"holds negative values ({low}); labels must be 0 or positive"
+    counts = np.bincount(array.reshape(-1).astype(np.int64, copy=False))
+    return [int(v) for v in np.flatnonzero(counts)], None
+
+
+def _check_case(spec: DatasetSpec, case: Case, tol: float, max_voxels: int) -> list[str]:
+    folder = spec.folder
+    paths = [*case.image_paths, *([case.label_path] if case.label_path else [])]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        return [f"missing file {_relative(folder, p)}; add it or remove the case" for p in missing]
+    problems: list[str] = []
+    infos = []
+    for path in paths:
+        try:
+            infos.append(read_image_info(path, max_voxels=max_voxels))
+        except MaskSAMError as exc:
+            problems.append(str(exc).replace(str(path), _relative(folder, path)))
+    if problems:
+        return problems
+    reference = infos[-1].geometry
+    for path, info in zip(paths[:-1], infos[:-1], strict=True):
+        diff = info.geometry.differences(reference, tol)
+        if diff:
+            problems.append(
+                f"{_relative(folder, path)} and its label differ in {'; '.join(diff)}; resample "
+                "the label onto the image grid (or fix the header)"
+            )
+    if problems:
+        return problems
+    for path in paths:
+        try:
+            volume = read_volume(path, max_voxels=max_voxels)
+        except MaskSAMError as exc:
+            problems.append(str(exc).replace(str(path), _relative(folder, path)))
+            continue
+        if path == case.label_path:
+            values, why = _label_values(volume.array)
+            if why:
+                problems.append(f"label {_relative(folder, path)} {why}")
+                continue
+            undeclared = sorted(set(values) - set(spec.labels.values()))
+            if undeclared:
+                problems.append(
+                    f"label {_relative(folder, path)} holds values {undeclared} not declared in "
+                    "dataset.json 'labels'; declare them or fix the label map"
+                )
+    return problems
+
+
+def validate_dataset(
+    spec: DatasetSpec,
+    *,
+    check_files: bool = True,
+    tol: float = 1e-3,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> None:
+    """Check every case; raise one :class:`MaskSAMError` listing the first problems.
+
+    Always: paths stay inside the dataset folder (no absolute paths, '..' or symlinks leading
+    out) and ``numTraining`` matches. With ``check_files``: files exist and are readable 3D
+    scalar volumes without NaN/Inf, each image channel matches its label's grid (size,
+    spacing, origin, direction within ``tol``), and label values are declared in ``labels``.
+    """
+    problems: list[str] = []
+    if spec.num_training is not None and spec.num_training != len(spec.cases):
+        problems.append(
+            f"dataset.json says numTraining={spec.num_training} but {len(spec.cases)} cases were "
+            "found; fix numTraining or add the missing cases"
+        )
+    for name in spec.extra_images[:MAX_REPORTED]:
+        problems.append(
+            f"imagesTr/{name} belongs to no labelled case (or a channel beyond channel_names); "
+            "add its label, rename it CASE_XXXX, or move it out"
+        )
+    seen: set[str] = set()
+    for case in spec.cases:
+        if case.case_id in seen:
+            problems.append(f"{case.case_id}: case listed twice; remove the duplicate entry")
+            continue
+        seen.add(case.case_id)
+        paths = [*case.image_paths, *([case.label_path] if case.label_path else [])]
+        escaping = [(p, why) for p in paths if (why := _escapes(spec.folder, p))]
+        if escaping:
+            problems += [
+                f"{case.case_id}: {_relative(spec.folder, p)} {why}; keep the files inside "
+                f"{spec.folder} with relative paths"
+                for p, why in escaping
+            ]
+            continue
+        if check_files:
+            problems += [f"{case.case_id}: {p}" for p in _check_case(spec, case, tol, max_voxels)]
+    if problems:
+        shown = "; ".join(problems[:MAX_REPORTED])
+        more = f"; and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise MaskSAMError(
+            f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in dataset {spec.name}: "
+            f"{shown}{more}"
+        )
+
+
+def labels_from_file(path: str | os.PathLike) -> list[str]:
+    """Class names ordered by value, background first, from a JSON file.
+
+    Accepts a ``dataset.json`` (its ``labels``), a plain list of names, a ``{name: value}``
+    or ``{"value": name}`` mapping, or a list of ``{"value", "name"}`` objects. Values must be
+    consecutive from 0 (a missing background 0 is added for lists and plain mappings).
+    """
+    path = Path(path)
+    data = _read_json(path)
+    source = str(path)
+    if isinstance(data, dict) and "labels" in data:
+        labels = parse_labels(data["labels"], source)
+    elif isinstance(data, list) and data and all(isinstance(x, str) for x in data):
+        names = [x.strip() for x in data]
+        if names[0].lower() != "background":
+            names.insert(0, "background")
+        labels = parse_labels({n: i for i, n in enumerate(names)}, source)
+    elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+        labels = parse_labels(
+            {str(x.get("name")): x.get("value") for x in data}, source, require_background=False
+        )
+    elif isinstance(data, dict):
+        labels = parse_labels(data, source, require_background=False)
+    else:
+        raise MaskSAMError(
+            f"{source}: expected a dataset.json, a list of names or a mapping of names to values."
+        )
+    if 0 not in labels.values():
+        labels = {"background": 0, **labels}
+    values = list(labels.values())
+    if values != list(range(len(values))):
+        raise MaskSAMError(
+            f"{source}: label values {values} are not consecutive from 0; renumber them 0, 1, 2, "
+            "..."
+        )
+    names = list(labels)
+    if any(n.lower() == "background" for n in names[1:]):
+        raise MaskSAMError(f"{source}: 'background' must be value 0 only.")
+    return names
