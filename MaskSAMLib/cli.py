@@ -194,9 +194,70 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=evaluate_entry)
 
 
+# ----------------------------------------------------------------------------- train
+def train_entry(args: argparse.Namespace) -> int:
+    from .training.run import TrainRequest, train
+    from .training.trainer import TrainOptions
+
+    progress = _progress(args)
+    request = TrainRequest(
+        dataset=Path(args.dataset), out=Path(args.out), backbone=args.backbone,
+        sam_checkpoint=Path(args.sam_checkpoint) if args.sam_checkpoint else None,
+        init=Path(args.init) if args.init else None, resume=args.resume, device=args.device,
+        val_fraction=args.val_fraction, split_file=Path(args.split) if args.split else None,
+        img_size=args.img_size, num_slices=args.slices, num_queries=args.queries,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    )
+    options = TrainOptions(
+        iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+        accumulate=args.accumulate, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        val_every=args.val_every, workers=args.workers, decoder_chunk=args.decoder_chunk,
+        num_points=args.num_points, augment=not args.no_augment,
+    )
+    summary = train(request, options, progress)
+    if progress.mode != "json" and not args.quiet:
+        print(f"Model written to {args.out} ({summary['iterations']} iterations)", file=sys.stderr)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune on an nnU-Net-format dataset",
+                       description="Train MaskSAM on an nnU-Net v2 raw dataset folder (or an MSD "
+                                   "dataset.json). Ctrl-C, SIGTERM or a STOP file in --out save "
+                                   "a checkpoint and exit 130; --resume continues exactly.")
+    p.add_argument("dataset", help="dataset folder with dataset.json, imagesTr, labelsTr")
+    p.add_argument("--out", required=True, help="output model folder")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--backbone", choices=["litemedsam", "vit_b", "vit_l", "vit_h", "tiny"])
+    start.add_argument("--init", help="a model folder to fine-tune")
+    p.add_argument("--sam-checkpoint", help="Meta's sam_vit_*.pth for vit_b/vit_l/vit_h")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--split", help='JSON {"train": [case ids], "val": [case ids]}')
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--slices", type=int, default=3, help="T (with --backbone)")
+    p.add_argument("--queries", type=int, default=0, help="N (with --backbone; default K+2)")
+    p.add_argument("--workers", type=int, default=1, help="loader processes")
+    p.add_argument("--decoder-chunk", type=int, default=None,
+                   help="queries per decoder pass (default: 8 on CPU, all on GPU)")
+    p.add_argument("--num-points", type=int, default=12544, help="points per mask loss")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="preprocessed-case cache (default ~/.cache/masksam)")
+    _common(p)
+    p.set_defaults(func=train_entry)
+
+
 # ----------------------------------------------------------------------------- main
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_init, _add_make_phantoms, _add_evaluate,
+    _add_init, _add_make_phantoms, _add_evaluate, _add_train,
 ]
 
 

@@ -87,6 +87,7 @@ class PatchSampler:
         augment: augmentation settings.
         class_names: used to forbid left-right mirroring of lateralized classes.
         foreground_fraction: probability that a patch is centred on a foreground voxel.
+        item_offset: index of this process's first item in the global batch (DDP).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class PatchSampler:
         augment: AugmentConfig | None = None,
         class_names: list[str] | None = None,
         foreground_fraction: float = 0.33,
+        item_offset: int = 0,
     ) -> None:
         if not cases:
             raise ValueError("no training cases")
@@ -110,6 +112,7 @@ class PatchSampler:
         self.seed = seed
         self.augment = augment or AugmentConfig()
         self.foreground_fraction = foreground_fraction
+        self.item_offset = item_offset  # DDP rank r draws items r*B .. r*B+B-1 of a global batch
         axes = tuple(self.augment.mirror_axes)
         if class_names and has_lateralized_classes(class_names):
             axes = tuple(a for a in axes if a != LEFT_RIGHT_AXIS)
@@ -119,7 +122,7 @@ class PatchSampler:
         """``image (B, C, T, H, W)`` float32, ``label (B, T, H, W)`` int64."""
         images, labels = [], []
         for b in range(self.batch_size):
-            rng = np.random.default_rng([self.seed, iteration, b])
+            rng = np.random.default_rng([self.seed, iteration, self.item_offset + b])
             image, label = self._sample(rng)
             images.append(image)
             labels.append(label)

@@ -1,0 +1,246 @@
+"""``masksam train``: from a dataset folder and a starting point to a trained model folder.
+
+Starting points: a backbone (``--backbone`` [+ ``--sam-checkpoint``]), an existing model folder
+(``--init``, fine-tuning; new classes grow the class head, removed classes are refused), or the
+output folder's own checkpoint (``--resume``). The dataset is validated before anything is
+written; the output folder is locked while the run writes. Under ``torchrun`` the run is
+distributed (NCCL on CUDA, gloo on CPU) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LabelSpec, ModelConfig, make_labels
+from ..data.dataset_json import DatasetSpec, load_dataset, validate_dataset
+from ..data.planning import plan_preprocessing
+from ..data.preprocessing import PreprocessConfig
+from ..devices import device_info, half_dtype, resolve_device
+from ..errors import MaskSAMError
+from ..files import FolderLock, atomic_path
+from ..modeling.build import CONFIG_NAME, build_masksam, create_model, load_model_dir
+from ..modeling.masksam import MaskSAM
+from ..progress import Progress
+from .cases import prepare_cases, split_cases
+from .checkpoint import load_checkpoint
+from .trainer import Trainer, TrainOptions
+
+
+@dataclass
+class TrainRequest:
+    """What the user asked for (the CLI's arguments)."""
+
+    dataset: Path
+    out: Path
+    backbone: str | None = None
+    sam_checkpoint: Path | None = None
+    init: Path | None = None
+    resume: bool = False
+    device: str = "auto"
+    val_fraction: float = 0.2
+    split_file: Path | None = None
+    img_size: int | None = None
+    num_slices: int = 3
+    num_queries: int = 0
+    cache_dir: Path | None = None
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def dataset_labels(spec: DatasetSpec) -> list[LabelSpec]:
+    ordered = sorted(spec.labels.items(), key=lambda item: item[1])
+    if len(ordered) < 2:
+        raise MaskSAMError(f"{spec.folder}: dataset.json declares no class besides background.")
+    return make_labels([n for n, _ in ordered], [v for _, v in ordered])
+
+
+def extend_classes(model: MaskSAM, labels: list[LabelSpec]) -> list[str]:
+    """Grow the class head for classes the dataset adds; old classes keep their weights.
+
+    Returns the added class names. Removed classes and too few queries are refused.
+    """
+    old = [lab.name for lab in model.config.labels]
+    names = [lab.name for lab in labels]
+    removed = [n for n in old if n not in names]
+    if removed:
+        raise MaskSAMError(
+            f"The dataset lacks classes {removed} of the starting model; removing classes is not "
+            "supported: declare them in dataset.json (they may be absent from the images) or "
+            "start from a backbone with --backbone."
+        )
+    added = [lab for lab in labels if lab.name not in old]
+    if not added:
+        return []
+    k_old, k_new = len(old), len(old) + len(added)
+    if k_new > model.num_queries:
+        raise MaskSAMError(
+            f"The starting model has {model.num_queries} queries, too few for {k_new} classes; "
+            "start from a backbone with --backbone."
+        )
+    taken = {lab.value for lab in model.config.labels}
+    for lab in added:
+        if lab.value in taken:
+            lab.value = max(taken) + 1
+        taken.add(lab.value)
+    old_head = model.class_head
+    head = nn.Linear(old_head.in_features, k_new + 1).to(old_head.weight.device)
+    with torch.no_grad():
+        head.weight[:k_old] = old_head.weight[:k_old]
+        head.bias[:k_old] = old_head.bias[:k_old]
+        head.weight[k_new] = old_head.weight[k_old]  # the no-object row
+        head.bias[k_new] = old_head.bias[k_old]
+    model.class_head = head
+    model.config.labels = list(model.config.labels) + added
+    model.num_classes = k_new
+    return [lab.name for lab in added]
+
+
+def _check_out(request: TrainRequest) -> None:
+    out = request.out
+    if request.resume:
+        if not (out / "training" / "checkpoint.pt").is_file():
+            raise MaskSAMError(f"{out} has no training checkpoint to resume; start without "
+                               "--resume.")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        hint = (" It holds a training run: pass --resume to continue it."
+                if (out / "training" / "checkpoint.pt").exists() else "")
+        raise MaskSAMError(f"{out} already exists and is not empty; choose a new --out.{hint}")
+    if (request.backbone is None) == (request.init is None):
+        raise MaskSAMError("Pass exactly one starting point: --backbone NAME or --init MODEL_DIR.")
+
+
+def _write_config(config: ModelConfig, out: Path) -> None:
+    config.save(out / CONFIG_NAME)
+
+
+def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> dict:
+    """Validate, set up and run one training; returns the trainer's summary."""
+    rank, world, local = _distributed()
+    options.validate()
+    _check_out(request)
+    device = resolve_device(request.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        progress = Progress("none")
+
+    progress.start("validate", **device_info(device))
+    spec = load_dataset(request.dataset)
+    validate_dataset(spec)
+    labels = dataset_labels(spec)
+
+    lock = None
+    if rank == 0:
+        request.out.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(request.out).acquire("Another training run")
+    try:
+        model, state = _model_for(request, spec, labels, progress)
+        config = model.config
+        pre = PreprocessConfig.from_dict(config.preprocessing)
+        class_names = [lab.name for lab in config.labels]
+        progress.start("preprocess", total=len(spec.cases))
+        cases = prepare_cases(
+            spec, pre, class_names, cache_dir=request.cache_dir,
+            on_case=lambda i, n, cid: progress.update(i, n, message=cid),
+        )
+        train_cases, val_cases = split_cases(
+            cases, val_fraction=request.val_fraction, seed=options.seed,
+            split_file=request.split_file,
+        )
+        if not train_cases:
+            raise MaskSAMError("No training cases left after the validation split.")
+        progress.log(f"{len(train_cases)} training and {len(val_cases)} validation cases; "
+                     f"{config.backbone.name}, T={config.num_slices}, N={config.num_queries}, "
+                     f"input {config.img_size}, device {device}")
+        if options.decoder_chunk is None and device.type == "cpu":
+            options.decoder_chunk = 8
+        model.to(device)
+        trainer = Trainer(
+            model=model, train_cases=train_cases, val_cases=val_cases, options=options,
+            out_dir=request.out, device=device, progress=progress,
+            amp_dtype=half_dtype(device), rank=rank, world_size=world,
+        )
+        if state is not None:
+            trainer.load_state(state)
+            progress.log(f"Resuming at iteration {trainer.iteration} of {options.iterations}")
+        summary = trainer.run()
+        if rank == 0:
+            config.provenance.update({
+                "dataset": spec.name,
+                "dataset_cases": len(cases),
+                "iterations": trainer.iteration,
+                "best_validation_dice": trainer.best["dice"] if val_cases else None,
+                "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"),
+            })
+            _write_config(config, request.out)
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _model_for(
+    request: TrainRequest, spec: DatasetSpec, labels: list[LabelSpec], progress: Progress
+) -> tuple[MaskSAM, dict | None]:
+    """The model to train, and the resume state (None for a fresh run)."""
+    from safetensors.torch import load_file, save_file
+
+    out = request.out
+    base = out / "training" / "base.safetensors"
+    if request.resume:
+        config = ModelConfig.load(out / CONFIG_NAME)
+        model = build_masksam(config)
+        if not base.is_file():
+            raise MaskSAMError(f"{base} is missing; the run cannot be resumed. Start a new one.")
+        model.load_state_dict(load_file(str(base)), strict=True)
+        return model, load_checkpoint(out / "training" / "checkpoint.pt")
+
+    if request.init is not None:
+        model = load_model_dir(request.init)
+        added = extend_classes(model, labels)
+        if added:
+            progress.log(f"New classes {added}: the class head grows; old classes keep weights.")
+        pre = model.config.preprocessing
+        if "target_spacing" not in pre:
+            pre = plan_preprocessing(spec).to_dict()
+        model.config.preprocessing = pre
+        model.config.provenance["init_model"] = str(request.init)
+    else:
+        pre = plan_preprocessing(spec).to_dict()
+        model = create_model(
+            backbone=request.backbone, labels=labels, sam_checkpoint=request.sam_checkpoint,
+            img_size=request.img_size, num_slices=request.num_slices,
+            num_queries=request.num_queries, in_channels=len(spec.channel_names),
+            preprocessing=pre,
+        )
+    if model.config.in_channels != len(spec.channel_names):
+        raise MaskSAMError(
+            f"The model takes {model.config.in_channels} channel(s) but the dataset has "
+            f"{len(spec.channel_names)}; use a matching dataset or start from a backbone."
+        )
+    if _distributed()[0] == 0:
+        (out / "training").mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(base) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        _write_config(model.config, out)
+    return model, None
