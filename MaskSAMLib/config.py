@@ -96,6 +96,9 @@ class ModelConfig:
     num_queries: int = 0  # N: 0 means derived from the labels
     in_channels: int = 1
     adapter_reduction: int = 4
+    # Freeze SAM except adapters and depth embeddings (the recipe for pretrained backbones);
+    # the random `tiny` backbone has nothing to preserve and trains fully.
+    freeze_sam: bool = True
     prompt_generator_channels: list[int] = field(default_factory=lambda: [256, 128, 64])
     preprocessing: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -220,6 +223,7 @@ def make_model_config(
         num_queries=num_queries,
         in_channels=in_channels,
         prompt_generator_channels=channels,
+        freeze_sam=backbone != "tiny",
         preprocessing=dict(preprocessing or {}),
         provenance=dict(provenance or {}),
     )

@@ -89,8 +89,11 @@ def test_trainable_and_frozen_parameter_counts():
     assert sum(1 for n in trainable if n.endswith("mlp_adapter.up.weight")) >= 12
 
 
-def test_gradients_reach_exactly_the_trainable_parameters(tiny_model):
-    model = tiny_model
+def test_gradients_reach_exactly_the_trainable_parameters():
+    # The pretrained-backbone recipe (freeze_sam) on the small tiny architecture.
+    cfg = make_model_config(backbone="tiny", labels=make_labels(["background", "a", "b"]))
+    cfg.freeze_sam = True
+    model = build_masksam(cfg)
     model.zero_grad(set_to_none=True)
     model.train()
     cfg = model.config
@@ -100,11 +103,22 @@ def test_gradients_reach_exactly_the_trainable_parameters(tiny_model):
     loss.backward()
     model.eval()
     for name, p in model.named_parameters():
-        if is_trainable_name(name):
+        if is_trainable_name(name, freeze_sam=True):
             assert p.requires_grad and p.grad is not None, name
         else:
             assert not p.requires_grad and p.grad is None, name
-    model.zero_grad(set_to_none=True)
+
+    # The random tiny backbone has nothing to preserve: it trains fully.
+    tiny = build_masksam(make_model_config(backbone="tiny", labels=make_labels(["background",
+                                                                                 "a"])))
+    tiny.train()
+    cfg = tiny.config
+    out = tiny(torch.randn(1, 1, cfg.num_slices, cfg.img_size, cfg.img_size))
+    sum(v.float().square().mean() for v in out.values()).backward()
+    for name, p in tiny.named_parameters():
+        assert p.requires_grad == (p.grad is not None), name
+        if name.startswith("image_encoder.blocks.0.attn"):
+            assert p.requires_grad, name
 
 
 def _random_fill(module: nn.Module, seed: int) -> None:

@@ -159,7 +159,7 @@ def apply_backbone_weights(model: MaskSAM, state: dict[str, torch.Tensor], sourc
             f"{source} is not a {backbone} checkpoint: {'; '.join(detail)}; pick the --backbone "
             "that matches the file."
         )
-    needed = [k for k in own if k.startswith(SAM_PARTS) and not is_trainable_name(k)]
+    needed = [k for k in own if k.startswith(SAM_PARTS) and not is_trainable_name(k, True)]
     missing = [k for k in needed if k not in state]
     if missing:
         raise MaskSAMError(

@@ -30,11 +30,21 @@ from .stem import ModalityStem
 # frozen; everything outside SAM (stem, prompt generator, heads, tokens) trains fully.
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 SAM_TRAINABLE_MARKERS = ("adapter", "depth_embed")
+# SAM parameters MaskSAM never uses (point prompts, the no-mask embedding, IoU head and the
+# multimask hypernetworks): never trained, so DDP sees no parameter without a gradient.
+SAM_UNUSED = (
+    "prompt_encoder.point_embeddings.0.", "prompt_encoder.point_embeddings.1.",
+    "prompt_encoder.not_a_point_embed.", "prompt_encoder.no_mask_embed.",
+    "mask_decoder.iou_prediction_head.", "mask_decoder.output_hypernetworks_mlps.1.",
+    "mask_decoder.output_hypernetworks_mlps.2.", "mask_decoder.output_hypernetworks_mlps.3.",
+)
 
 
-def is_trainable_name(name: str) -> bool:
+def is_trainable_name(name: str, freeze_sam: bool = True) -> bool:
     """Whether the parameter ``name`` trains under MaskSAM's recipe."""
-    if not name.startswith(SAM_PARTS):
+    if name.startswith(SAM_UNUSED):
+        return False
+    if not freeze_sam or not name.startswith(SAM_PARTS):
         return True
     return any(marker in name for marker in SAM_TRAINABLE_MARKERS)
 
@@ -129,9 +139,10 @@ class MaskSAM(nn.Module):
         self.set_trainable()
 
     def set_trainable(self) -> None:
-        """Freeze SAM except adapters and depth embeddings; train everything else."""
+        """Freeze SAM except adapters and depth embeddings (``config.freeze_sam``); train
+        everything else."""
         for name, param in self.named_parameters():
-            param.requires_grad_(is_trainable_name(name))
+            param.requires_grad_(is_trainable_name(name, self.config.freeze_sam))
 
     def train(self, mode: bool = True) -> MaskSAM:
         super().train(mode)

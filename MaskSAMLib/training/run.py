@@ -155,10 +155,14 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
         pre = PreprocessConfig.from_dict(config.preprocessing)
         class_names = [lab.name for lab in config.labels]
         progress.start("preprocess", total=len(spec.cases))
+        if world > 1 and rank != 0:
+            torch.distributed.barrier()  # rank 0 fills the cache first; the others read it
         cases = prepare_cases(
             spec, pre, class_names, cache_dir=request.cache_dir,
             on_case=lambda i, n, cid: progress.update(i, n, message=cid),
         )
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
         train_cases, val_cases = split_cases(
             cases, val_fraction=request.val_fraction, seed=options.seed,
             split_file=request.split_file,

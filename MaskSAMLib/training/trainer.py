@@ -258,7 +258,7 @@ class Trainer:
                 )
             self.scaler.scale(loss).backward()
             for k, v in losses.items():
-                terms[k] = terms.get(k, 0.0) + float(v) / len(batches)
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(batches)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, opts.grad_clip)
         self.scaler.step(self.optimizer)
@@ -293,7 +293,8 @@ class Trainer:
         start = self.iteration
         if start >= total:
             return {"iterations": start, "best": self.best, "stopped": False}
-        self.train_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.train_dir.mkdir(parents=True, exist_ok=True)
         previous = self._install_signal_handlers()
         loader = batch_loader(self.sampler, start=start * opts.accumulate,
                               stop=total * opts.accumulate, workers=opts.workers)
