@@ -64,10 +64,12 @@ def default_backbone(name: str) -> BackboneConfig:
         return BackboneConfig(name, 1280, 32, 16, idx, list(idx))
     if name == "tiny":
         # A small random SAM-shaped model for tests and CPU demos: windowed and global
-        # attention, rel-pos tables, a real prompt encoder and two-way decoder.
+        # attention, rel-pos tables, a real prompt encoder and two-way decoder. 8-pixel patches
+        # give an 8x8 embedding at 64 input (16-pixel patches left kidney-sized organs at
+        # under one token and did not learn them).
         return BackboneConfig(
             name=name, embed_dim=64, depth=4, num_heads=2, global_attn_indexes=[1, 3],
-            feature_indexes=[0, 1, 2, 3], window_size=4, geometry=128,
+            feature_indexes=[0, 1, 2, 3], window_size=4, patch_size=8, geometry=64,
             prompt_embed_dim=64, decoder_mlp_dim=256, decoder_num_heads=4,
         )
     if name == "litemedsam":

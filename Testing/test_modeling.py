@@ -36,7 +36,8 @@ def test_tiny_output_shapes(tiny_model):
     x = torch.randn(2, 1, cfg.num_slices, cfg.img_size, cfg.img_size)
     with torch.no_grad():
         out = tiny_model(x)
-    _check_outputs(out, 2, cfg.num_slices, cfg.num_queries, 3, cfg.img_size, cfg.img_size // 4)
+    mask_res = 4 * cfg.img_size // cfg.backbone.patch_size
+    _check_outputs(out, 2, cfg.num_slices, cfg.num_queries, 3, cfg.img_size, mask_res)
 
 
 def test_decoder_chunks_give_the_same_result(tiny_model):
