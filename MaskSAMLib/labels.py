@@ -7,36 +7,50 @@ from typing import Any
 from .errors import MaskSAMError
 
 
-def parse_labels(raw: Any, *, source: str) -> dict[str, int]:
-    """Validate an nnU-Net style ``{name: value}`` mapping.
+def as_int(value: Any) -> int | None:
+    """An int from an int or a digit string (not a bool); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
 
-    Background 0 is required; values are unique non-negative integers below 65536;
-    region-based labels (lists/tuples of values) are refused.
 
-    Returns:
-        ``{name: value}`` in the file's order.
+def parse_labels(raw: Any, source: str, *, require_background: bool = True) -> dict[str, int]:
+    """``{name: value}`` from nnU-Net ``{name: value}`` or MSD ``{"value": name}`` form.
+
+    Background 0 is required (unless ``require_background=False``); values are unique
+    integers 0-65535; region-based labels (lists of values) are refused. Sorted by value.
     """
     if not isinstance(raw, dict) or not raw:
-        raise MaskSAMError(f"{source}: labels must be a non-empty JSON object {{name: value}}.")
-    labels: dict[str, int] = {}
+        raise MaskSAMError(f"{source}: 'labels' must be a non-empty mapping of names to values.")
     for name, value in raw.items():
         if isinstance(value, (list, tuple)):
             raise MaskSAMError(
-                f"{source}: label {name!r} is region-based ({value}); MaskSAM needs one integer "
-                "value per class. Convert the regions to plain classes."
+                f"{source}: label '{name}' is region-based ({value}); MaskSAM needs one integer "
+                "value per class: convert the regions to plain labels."
             )
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
+    msd = all(as_int(k) is not None and isinstance(v, str) for k, v in raw.items())
+    pairs = (
+        [(str(v), as_int(k)) for k, v in raw.items()]
+        if msd
+        else [(str(k), as_int(v)) for k, v in raw.items()]
+    )
+    labels: dict[str, int] = {}
+    for name, value in pairs:
+        if value is None or not 0 <= value < 65536:
             raise MaskSAMError(
-                f"{source}: label {name!r} has value {value!r}; use integers from 0 to 65535."
+                f"{source}: label '{name}' needs an integer value 0-65535; fix 'labels'."
             )
-        if not isinstance(name, str) or not name.strip():
-            raise MaskSAMError(f"{source}: every label needs a non-empty name.")
+        if not name.strip() or name in labels:
+            raise MaskSAMError(f"{source}: label name '{name}' is empty or repeated.")
+        if value in labels.values():
+            raise MaskSAMError(f"{source}: label value {value} is used twice; fix 'labels'.")
         labels[name] = value
-    values = list(labels.values())
-    if len(set(values)) != len(values):
-        raise MaskSAMError(f"{source}: label values must be unique, got {sorted(values)}.")
-    if 0 not in values:
+    if require_background and 0 not in labels.values():
         raise MaskSAMError(
-            f"{source}: no background label; add \"background\": 0 to the labels."
+            f"{source}: 'labels' must declare the background as value 0 (e.g. \"background\": 0)."
         )
-    return labels
+    return dict(sorted(labels.items(), key=lambda item: item[1]))

@@ -29,6 +29,8 @@ import numpy as np
 
 from ..errors import MaskSAMError
 from ..files import split_extension
+from ..labels import as_int as _as_int
+from ..labels import parse_labels
 from .io import DEFAULT_MAX_VOXELS, read_image_info, read_volume
 
 MAX_REPORTED = 3
@@ -69,50 +71,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MaskSAMError(f"{path} is not valid JSON ({exc}); fix the file.") from exc
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
-
-
-def parse_labels(raw: Any, source: str, *, require_background: bool = True) -> dict[str, int]:
-    """``{name: value}`` from nnU-Net ``{name: value}`` or MSD ``{"value": name}`` form."""
-    if not isinstance(raw, dict) or not raw:
-        raise MaskSAMError(f"{source}: 'labels' must be a non-empty mapping of names to values.")
-    for name, value in raw.items():
-        if isinstance(value, (list, tuple)):
-            raise MaskSAMError(
-                f"{source}: label '{name}' is region-based ({value}); MaskSAM needs one integer "
-                "value per class: convert the regions to plain labels."
-            )
-    msd = all(_as_int(k) is not None and isinstance(v, str) for k, v in raw.items())
-    pairs = (
-        [(str(v), _as_int(k)) for k, v in raw.items()]
-        if msd
-        else [(str(k), _as_int(v)) for k, v in raw.items()]
-    )
-    labels: dict[str, int] = {}
-    for name, value in pairs:
-        if value is None or not 0 <= value < 65536:
-            raise MaskSAMError(
-                f"{source}: label '{name}' needs an integer value 0-65535; fix 'labels'."
-            )
-        if not name.strip() or name in labels:
-            raise MaskSAMError(f"{source}: label name '{name}' is empty or repeated.")
-        if value in labels.values():
-            raise MaskSAMError(f"{source}: label value {value} is used twice; fix 'labels'.")
-        labels[name] = value
-    if require_background and 0 not in labels.values():
-        raise MaskSAMError(
-            f"{source}: 'labels' must declare the background as value 0 (e.g. \"background\": 0)."
-        )
-    return dict(sorted(labels.items(), key=lambda item: item[1]))
 
 
 def _channel_names(data: dict[str, Any], source: str) -> list[str]:

@@ -1,0 +1,149 @@
+"""Training benchmarks (issue 3): learning on phantoms, and fine-tuning LiteMedSAM on real CT.
+
+phantoms: make a phantom dataset, train, and score whole-volume predictions of held-out cases
+(per-class Dice on the preprocessed grid, the same sliding window as inference).
+
+totalseg: split ../shared/data/totalseg_examples/ct_abdomen_3mm.nii.gz into axial slabs:
+the lower slab trains, the upper one is held out, with a gap of --gap slices between them
+(neighbouring slices leak), then fine-tune from LiteMedSAM and score the held-out slab.
+
+Records iterations, wall time, peak RSS and per-class Dice as JSON in benchmarks/out/ and
+prints a markdown table. Examples:
+
+    python benchmarks/bench_train.py phantoms --iterations 1500
+    python benchmarks/bench_train.py totalseg --iterations 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from MaskSAMLib.data.phantoms import make_phantoms  # noqa: E402
+from MaskSAMLib.progress import Progress  # noqa: E402
+from MaskSAMLib.training.run import TrainRequest, train  # noqa: E402
+from MaskSAMLib.training.trainer import TrainOptions  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data" / "totalseg_examples"
+ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5,
+          "stomach": 6, "pancreas": 7, "aorta": 52, "inferior_vena_cava": 63}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_slab_dataset(out: Path, gap: int) -> tuple[Path, Path]:
+    """Two cases of the real CT: lower slab (train) and upper slab (held out), gap between."""
+    image = sitk.ReadImage(str(SHARED / "ct_abdomen_3mm.nii.gz"))
+    label = sitk.ReadImage(str(SHARED / "ct_abdomen_3mm_seg.nii.gz"))
+    seg = sitk.GetArrayFromImage(label)
+    remapped = np.zeros_like(seg, dtype=np.uint8)
+    labels = {"background": 0}
+    for i, (name, value) in enumerate(ORGANS.items(), start=1):
+        remapped[seg == value] = i
+        labels[name] = i
+    z = seg.shape[0]
+    cut = z // 2
+    slabs = {"train_slab": (0, cut - gap // 2), "heldout_slab": (cut + gap - gap // 2, z)}
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir()
+    lab_img = sitk.GetImageFromArray(remapped)
+    lab_img.CopyInformation(label)
+    for case, (z0, z1) in slabs.items():
+        sitk.WriteImage(image[:, :, z0:z1], str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(lab_img[:, :, z0:z1], str(out / "labelsTr" / f"{case}.nii.gz"))
+    (out / "dataset.json").write_text(json.dumps({
+        "name": "totalseg_ct_slabs", "channel_names": {"0": "CT"}, "labels": labels,
+        "numTraining": 2, "file_ending": ".nii.gz",
+    }))
+    split = out / "split.json"
+    split.write_text(json.dumps({"train": ["train_slab"], "val": ["heldout_slab"]}))
+    return out, split
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=["phantoms", "totalseg"])
+    parser.add_argument("--iterations", type=int, default=1500)
+    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--slices", type=int, default=3)
+    parser.add_argument("--gap", type=int, default=10)
+    parser.add_argument("--val-every", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", default=None, help="working folder (default: a temp folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or tempfile.mkdtemp(prefix="masksam-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.experiment == "phantoms":
+        dataset = make_phantoms(work / "phantoms", cases=args.cases, seed=0)
+        split, backbone, lr = None, "tiny", args.lr or 3e-3
+        val_fraction = 0.2
+    else:
+        if not (SHARED / "ct_abdomen_3mm.nii.gz").is_file():
+            print(f"shared data not found at {SHARED}", file=sys.stderr)
+            return 1
+        dataset, split = make_slab_dataset(work / "slabs", args.gap)
+        backbone, lr, val_fraction = "litemedsam", args.lr or 1e-3, 0.0
+    request = TrainRequest(dataset=dataset, out=work / "model", backbone=backbone,
+                           val_fraction=val_fraction, split_file=split,
+                           num_slices=args.slices, cache_dir=work / "cache", device="cpu")
+    options = TrainOptions(iterations=args.iterations, batch_size=args.batch_size, lr=lr,
+                           val_every=args.val_every or max(args.iterations // 5, 1),
+                           checkpoint_every=max(args.iterations // 5, 1),
+                           num_points=2048 if backbone == "tiny" else 4096, workers=1)
+    start = time.monotonic()
+    summary = train(request, options, Progress("tqdm" if sys.stderr.isatty() else "none"))
+    seconds = time.monotonic() - start
+    log = [json.loads(x) for x in (work / "model" / "training" / "log.jsonl").read_text()
+           .splitlines()]
+    validations = [rec for rec in log if "validation" in rec]
+    best = max(validations, key=lambda r: r["validation"]["mean_dice"]) if validations else None
+    result = {
+        "experiment": args.experiment, "backbone": backbone, "iterations": args.iterations,
+        "batch_size": args.batch_size, "lr": lr, "slices": args.slices,
+        "wall_s": round(seconds, 1), "s_per_iteration": round(seconds / args.iterations, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "validations": [{"iteration": r["iteration"], **r["validation"]} for r in validations],
+        "best": best, "summary_best": summary["best"],
+        "device": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+    }
+    out_dir = REPO / "benchmarks" / "out"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"train_{args.experiment}.json").write_text(json.dumps(result, indent=2))
+    print(f"| iteration | mean Dice | per class |\n|---|---|---|")
+    for v in result["validations"]:
+        per = ", ".join(f"{k} {d:.3f}" for k, d in v["dice"].items())
+        print(f"| {v['iteration']} | {v['mean_dice']:.3f} | {per} |")
+    print(f"\nwall {result['wall_s']} s ({result['s_per_iteration']} s/it), peak RSS "
+          f"{result['peak_rss_gb']} GB, {result['device']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
