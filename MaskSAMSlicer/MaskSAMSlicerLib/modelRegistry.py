@@ -212,7 +212,8 @@ def loadRegistryFile(path: str | os.PathLike | None) -> dict[str, Any]:
 def defaultRegistryFile(moduleDir: str | os.PathLike | None = None) -> Path | None:
     """``models.json``: next to the installed module's resources, or the checkout's Resources/."""
     here = Path(moduleDir) if moduleDir else Path(__file__).resolve().parents[1]
-    for candidate in (here / "Resources" / "models.json", here.parent / "Resources" / "models.json"):
+    for candidate in (here / "Resources" / "models.json",
+                      here.parent / "Resources" / "models.json"):
         if candidate.is_file():
             return candidate
     return None
@@ -277,7 +278,9 @@ class ModelRegistry:
                 if not child.is_dir() or child.name.startswith("."):
                     continue
                 if ".tmp" in child.name:
-                    continue  # a model still being written by a training run
+                    continue  # a model folder still being written
+                if (child / "training").is_dir() and not (child / WEIGHTS_FILE).is_file():
+                    continue  # a training run that has not saved weights yet
                 try:
                     info = readModelDir(child, source="user")
                 except ModelError as exc:
@@ -301,7 +304,8 @@ class ModelRegistry:
             if local.resolve() in seen:
                 for info in found:
                     if info.path is not None and info.path.resolve() == local.resolve():
-                        info.source, info.url, info.sha256 = "registry", entry["url"], entry["sha256"]
+                        info.source = "registry"
+                        info.url, info.sha256 = entry["url"], entry["sha256"]
                 continue
             found.append(
                 ModelInfo(
@@ -325,7 +329,9 @@ class ModelRegistry:
 
     def find(self, nameOrPath: str) -> ModelInfo | None:
         for model in self.models():
-            if model.name == nameOrPath or (model.path is not None and str(model.path) == nameOrPath):
+            if model.name == nameOrPath or (
+                model.path is not None and str(model.path) == nameOrPath
+            ):
                 return model
         return None
 

@@ -451,7 +451,8 @@ class ProcessRunner:
         """After a cancelled run ends, no descendant may outlive it."""
         if psutil is None:
             return
-        leftovers = [p for p in self._aliveTree() if p.pid != (self.popen.pid if self.popen else -1)]
+        ownPid = self.popen.pid if self.popen else -1
+        leftovers = [p for p in self._aliveTree() if p.pid != ownPid]
         if not leftovers:
             return
         for proc in leftovers:

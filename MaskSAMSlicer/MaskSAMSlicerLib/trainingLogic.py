@@ -347,6 +347,11 @@ class TrainingCaseStore:
         self._save()
 
 
+def canResume(outputDir: str | os.PathLike) -> bool:
+    """A stopped (or killed) run left a checkpoint that ``--resume`` continues."""
+    return (Path(outputDir) / "training" / "checkpoint.pt").is_file()
+
+
 def datasetLabels(datasetDir: str | os.PathLike) -> dict[str, int]:
     """The ``labels`` of an nnU-Net (or MSD) dataset folder, checked lightly."""
     path = Path(datasetDir) / "dataset.json"
@@ -394,7 +399,12 @@ class TrainingCurves:
         return None
 
     def update(self, event: dict[str, Any]) -> bool:
-        """Record ``loss`` / ``dice`` of one event; True when something was added."""
+        """Record ``loss`` / ``dice`` of a progress or metric event; True when one was added.
+
+        (The ``done`` event repeats the last loss; it is not a new point.)
+        """
+        if event.get("event") not in ("progress", "metric"):
+            return False
         iteration = event.get("iteration", event.get("done"))
         if not isinstance(iteration, (int, float)):
             iteration = (self.loss[-1][0] + 1) if self.loss else 0
@@ -504,7 +514,7 @@ class TrainingLogic:
                         f"(sam_{backbone}_*.pth); choose it with 'SAM checkpoint'."
                     )
                 args += ["--sam-checkpoint", str(samCheckpoint)]
-        else:
+        elif not resume:
             raise InputError("Choose a base model: LiteMedSAM, a SAM checkpoint or a model.")
         if iterations is not None:
             if int(iterations) < 1:
@@ -518,7 +528,9 @@ class TrainingLogic:
             if not (0 < float(learningRate) < 1):
                 raise InputError("The learning rate must be between 0 and 1 (e.g. 0.0001).")
             args += ["--lr", repr(float(learningRate))]
-        if valFraction is not None and valFraction > 0:
+        if valFraction is not None:
+            if not 0 <= float(valFraction) < 1:
+                raise InputError("The validation fraction must be between 0 and 1.")
             args += ["--val-fraction", repr(float(valFraction))]
         args += ["--device", deviceValue(device)]
         if resume:
@@ -544,7 +556,7 @@ class TrainingLogic:
             initModel = readModelDir(initModel.path)
         self.checkDataset(datasetDir, initModel=initModel)
         outputDir = Path(outputDir)
-        if resume and not outputDir.exists():
+        if resume and not canResume(outputDir):
             raise InputError(f"There is no stopped run in {outputDir} to resume; start a new one.")
         if not resume and outputDir.exists() and any(outputDir.iterdir()):
             raise InputError(
@@ -589,7 +601,8 @@ class TrainingLogic:
     def createCurveNodes(self):
         """Two tables (loss, Dice) and a chart showing them; returns the chart node."""
         scene = self.scene
-        if self.chartNode is not None and scene.GetNodeByID(self.chartNode.GetID()) is self.chartNode:
+        chart = self.chartNode
+        if chart is not None and scene.GetNodeByID(chart.GetID()) is chart:
             return self.chartNode
         self.lossTableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", "MaskSAM training loss")
         self.diceTableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", "MaskSAM validation Dice")

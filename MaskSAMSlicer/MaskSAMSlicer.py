@@ -1,0 +1,247 @@
+"""MaskSAM: prompt-free auto-segmentation and local fine-tuning of SAM for 3D medical images.
+
+This file holds the module metadata, thin widget and logic shells, and the self-test. The work
+is done by the plain classes in ``MaskSAMSlicerLib`` (logic: MRML + ``slicer.util`` only, so
+they are tested outside Slicer with slicer-core) and by ``MaskSAMLib``, which always runs in a
+child process (``PythonSlicer -m MaskSAMLib ...``). Importing this module and building the
+widget needs no torch, GPU or network.
+"""
+
+import importlib
+import logging
+import os
+import subprocess
+
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer < 5.4
+
+    def _(text):
+        return text
+
+
+RESEARCH_NOTICE = (
+    "<b>Research use only.</b> MaskSAMSlicer is not a medical device and is not for diagnosis. "
+    "No clinically trained model ships with it: you start from general pretrained backbones "
+    "(LiteMedSAM, or Meta's SAM ViT-B/L/H checkpoints) and train on your own labelled cases. "
+    "Review every result."
+)
+
+
+#
+# MaskSAMSlicer
+#
+class MaskSAMSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MaskSAM")
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MaskSAMSlicer developers"]
+        self.parent.helpText = _(
+            "Prompt-free auto-segmentation of CT and MR volumes with MaskSAM (Segment Anything "
+            "adapted to 3D with mask classification), and local fine-tuning on your own cases."
+            "<ul>"
+            "<li><b>Auto-segment</b>: pick a volume and a model, press Apply. Each class becomes "
+            "a named, coloured segment (with terminology and 3D surfaces) in a new "
+            "segmentation; correct it in the Segment Editor and add it to the training cases."
+            "</li>"
+            "<li><b>Train</b>: collect volume + segmentation pairs from the scene (or use an "
+            "nnU-Net dataset folder), choose a base model (LiteMedSAM, a SAM checkpoint or one "
+            "of your models) and Start. Stop keeps a checkpoint; Resume continues. The new "
+            "model appears in Auto-segment.</li>"
+            "</ul>"
+            "Computation runs in a separate process: Slicer stays responsive and Cancel/Stop "
+            "always work.<br><br>"
+        ) + RESEARCH_NOTICE
+        self.parent.acknowledgementText = _(
+            "MaskSAM: Xie et al., <i>MaskSAM: Towards Auto-prompt SAM with Mask Classification "
+            "for Medical Image Segmentation</i>, ICCV 2025 (arXiv 2403.14103). Segment Anything "
+            "by Meta AI; LiteMedSAM by the MedSAM authors. Dependency installation follows the "
+            "PyTorch extension and Slicer's packaging helpers."
+        )
+
+
+#
+# MaskSAMSlicerWidget
+#
+class MaskSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.panel = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        from MaskSAMSlicerLib.widget import MaskSAMSlicerPanel
+
+        self.logic = MaskSAMSlicerLogic()
+        self.panel = MaskSAMSlicerPanel(self, self.logic)
+        self.panel.setup()
+
+    def cleanup(self) -> None:
+        if self.panel is not None:
+            self.panel.cleanup()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        if self.panel is not None:
+            self.panel.enter()
+
+    def exit(self) -> None:
+        if self.panel is not None:
+            self.panel.exit()
+
+    def onReload(self) -> None:
+        """Developer reload: also reload the MaskSAMSlicerLib submodules."""
+        for name in ("errors", "process", "volumeIO", "modelRegistry", "install",
+                     "segmentationLogic", "trainingLogic", "widget"):
+            module = importlib.import_module(f"MaskSAMSlicerLib.{name}")
+            importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
+
+
+#
+# MaskSAMSlicerLogic
+#
+class MaskSAMSlicerLogic(ScriptedLoadableModuleLogic):
+    """Thin shell over ``SegmentationLogic`` and ``TrainingLogic`` (usable without the GUI).
+
+    Example (Python console)::
+
+        logic = slicer.util.getModuleLogic("MaskSAMSlicer")
+        result = logic.segment(getNode("CTChest"), "/path/to/model", device="CPU")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        from MaskSAMSlicerLib.segmentationLogic import SegmentationLogic
+        from MaskSAMSlicerLib.trainingLogic import TrainingLogic
+
+        self.segmentation = SegmentationLogic()
+        self.training = TrainingLogic()
+
+    def getParameterNode(self):
+        from MaskSAMSlicerLib.parameters import MaskSAMSlicerParameterNode
+
+        return MaskSAMSlicerParameterNode(super().getParameterNode())
+
+    def segment(self, volumeNode, modelDir, *, device="Auto", speed="Standard", roiNode=None,
+                outputSegmentationNode=None, replaceConfirmed=False, timeout=None):
+        """Blocking auto-segmentation; returns a ``SegmentationResult``."""
+        self.segmentation.tempRoot = slicer.app.temporaryPath
+        return self.segmentation.segment(
+            volumeNode, modelDir, device=device, speed=speed, roiNode=roiNode,
+            outputSegmentationNode=outputSegmentationNode, replaceConfirmed=replaceConfirmed,
+            timeout=timeout,
+        )
+
+
+#
+# MaskSAMSlicerTest
+#
+class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
+    """A tiny end-to-end auto-segmentation inside Slicer.
+
+    Builds a synthetic CT-like volume, creates a tiny random MaskSAM model with the real CLI
+    (``PythonSlicer -m MaskSAMLib init --backbone tiny``), runs the real ``segment`` child
+    through the module logic and checks names, colours, reference geometry and that every
+    segment equals the CLI's own label map voxel for voxel. Skips (with a message) when PyTorch
+    is not installed, since tests must not install packages.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_AutoSegmentTinyModel()
+
+    def _skip(self, message):
+        logging.warning(f"MaskSAMSlicerTest skipped: {message}")
+        self.delayDisplay(f"Skipped: {message}")
+
+    def test_AutoSegmentTinyModel(self):
+        import json
+
+        import numpy as np
+
+        from MaskSAMSlicerLib import volumeIO
+        from MaskSAMSlicerLib.install import DependencyInstaller
+        from MaskSAMSlicerLib.modelRegistry import readModelDir
+        from MaskSAMSlicerLib.process import childEnvironment, masksamCommand, runBlocking
+        from MaskSAMSlicerLib.segmentationLogic import registerSegmentationConverterRules
+
+        self.delayDisplay("Starting the MaskSAM auto-segmentation test")
+        moduleDir = os.path.dirname(slicer.util.modulePath("MaskSAMSlicer"))
+        installer = DependencyInstaller(os.path.join(moduleDir, "Resources", "requirements.txt"))
+        if not installer.isReady():
+            self._skip("PyTorch or the Python requirements are not installed "
+                       "(press Apply once to install them).")
+            return
+        logic = MaskSAMSlicerLogic()
+        python = logic.segmentation.python
+        helpResult = subprocess.run([python, "-m", "MaskSAMLib", "--help"], capture_output=True,
+                              text=True, env=childEnvironment(), timeout=120)
+        if "segment" not in helpResult.stdout.split("COMMAND", 1)[-1]:
+            self._skip("this MaskSAMLib has no 'segment' command")
+            return
+
+        # A small CT-like volume with an oblique, anisotropic grid.
+        array = np.full((16, 40, 48), -100, dtype=np.int16)
+        array[4:12, 8:28, 10:30] = 180
+        volume = slicer.util.addVolumeFromArray(array, name="MaskSAMTestCT")
+        volume.SetSpacing(0.9, 0.8, 2.5)
+        volume.SetOrigin(-20.0, 15.0, 30.0)
+        volume.SetIJKToRASDirections(0.96, -0.28, 0.0, 0.28, 0.96, 0.0, 0.0, 0.0, 1.0)
+
+        workDir = slicer.util.tempDirectory("MaskSAMSlicerTest")
+        labelsFile = os.path.join(workDir, "labels.json")
+        with open(labelsFile, "w", encoding="utf-8") as handle:
+            json.dump(["background", "liver", "spleen"], handle)
+        modelDir = os.path.join(workDir, "tiny-model")
+        code, _events, runner = runBlocking(
+            masksamCommand("init", "--backbone", "tiny", "--labels", labelsFile, "--out",
+                           modelDir, python=python),
+            env=childEnvironment(), timeout=600)
+        self.assertEqual(code, 0, runner.failureMessage())
+        model = readModelDir(modelDir)
+        self.delayDisplay("Tiny model created; segmenting")
+
+        registerSegmentationConverterRules()
+        logic.segmentation.keepTemporaryFiles = True
+        logic.segmentation.tempRoot = workDir
+        job = logic.segmentation.startSegmentation(volume, model, device="CPU", speed="Fast")
+        job.runner.wait(timeout=600)
+        result = logic.segmentation.finishSegmentation(job)
+        segmentationNode = result.segmentationNode
+
+        segmentation = segmentationNode.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName()
+                 for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, model.classNames())
+        reference = segmentationNode.GetNodeReference(
+            segmentationNode.GetReferenceImageGeometryReferenceRole())
+        self.assertIs(reference, volume)
+        self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
+        cliArray, cliGeometry = volumeIO.readLabelMap(job.outputPath)
+        self.assertEqual(cliGeometry.differences(volumeIO.volumeGeometry(volume)), [])
+        classes = [lab for lab in model.labels if lab["value"] != 0]
+        for row, lab in zip(result.summary, classes):
+            segment = segmentation.GetSegment(row["segmentId"])
+            for got, want in zip(segment.GetColor(), lab["color"]):
+                self.assertAlmostEqual(got, want / 255.0, places=5)
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, row["segmentId"],
+                                                              volume)
+            self.assertTrue(np.array_equal(mask > 0, cliArray == lab["value"]))
+        self.delayDisplay("Test passed")
