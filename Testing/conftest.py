@@ -31,3 +31,37 @@ def tiny_model():
     return create_model(
         backbone="tiny", labels=make_labels(["background", "liver", "spleen"]), seed=0
     )
+
+
+#: Phantoms for the shared trained model: small so the session trains in well under a minute.
+TRAINED_PHANTOM_SIZE = (48, 48, 20)
+TRAINED_PHANTOM_CASES = 4
+TRAINED_ITERATIONS = 40
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model_dir(tmp_path_factory) -> Path:
+    """A real ``tiny`` model trained once per session on phantoms (``masksam train``'s API).
+
+    4 phantoms of 48 x 48 x 20 voxels (seed 0), 40 iterations, no validation split. Phantom
+    case index 4 (same seed and size) was never trained on: tests use it as a held-out case.
+    Read-only: tests must not write into the folder.
+    """
+    from MaskSAMLib.data.phantoms import make_phantoms
+    from MaskSAMLib.progress import Progress
+    from MaskSAMLib.training.run import TrainRequest, train
+    from MaskSAMLib.training.trainer import TrainOptions
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    dataset = make_phantoms(root / "phantoms", cases=TRAINED_PHANTOM_CASES, seed=0,
+                            size=TRAINED_PHANTOM_SIZE)
+    out = root / "model"
+    train(
+        TrainRequest(dataset=dataset, out=out, backbone="tiny", device="cpu", val_fraction=0.0,
+                     cache_dir=root / "cache"),
+        TrainOptions(iterations=TRAINED_ITERATIONS, batch_size=2, num_points=1024,
+                     val_every=TRAINED_ITERATIONS, checkpoint_every=TRAINED_ITERATIONS,
+                     workers=0),
+        Progress("none"),
+    )
+    return out

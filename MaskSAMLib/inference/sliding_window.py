@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -32,17 +33,20 @@ def window_starts(length: int, window: int, step: float) -> list[int]:
 
 
 def gaussian_weights(t: int, size: int, sigma_scale: float = 0.125) -> torch.Tensor:
-    """``(T, S, S)`` importance map: Gaussian in-plane, flat-topped Gaussian across slices."""
+    """``(T, S, S)`` importance map: Gaussian in-plane, flat-topped Gaussian across slices.
+
+    Each factor is floored at 1e-3 of its peak separately, so even at a tile's corner the
+    across-slice weighting still prefers a window's middle slice to its edge slices.
+    """
     def g(n: int) -> torch.Tensor:
         x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
         sigma = max(n * sigma_scale, 0.5)
         return torch.exp(-0.5 * (x / sigma) ** 2)
 
-    inplane = g(size)[:, None] * g(size)[None, :]
-    across = g(t) if t > 2 else torch.ones(t)
-    w = across[:, None, None] * inplane[None]
-    w = w / w.max()
-    return w.clamp_min(1e-3)
+    side = (g(size) / g(size).max()).clamp_min(1e-3)
+    inplane = side[:, None] * side[None, :]
+    across = (g(t) / g(t).max()).clamp_min(1e-3) if t > 2 else torch.ones(t)
+    return across[:, None, None] * inplane[None]
 
 
 def _windows(z: int, y: int, x: int, t: int, s: int, step: float) -> Iterator[tuple[int, int, int]]:
@@ -70,6 +74,7 @@ def sliding_window_labels(
     mirror_axes: tuple[int, ...] = (),
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Class indices of a preprocessed volume.
 
@@ -83,16 +88,20 @@ def sliding_window_labels(
             labels are lateralized.
         progress: called with ``(windows done, windows total)``.
         should_stop: polled between batches; returning True raises ``InterruptedError``.
+        timings: when given, ``"network"`` (model forwards) and ``"stitch"`` (MaskFormer class
+            scores, blending, argmax) seconds are added to it (CUDA is synchronised to time).
     Returns:
         ``(Z, Y, X)`` uint8 (uint16 for more than 255 classes) class indices.
     """
     t, s, k = model.num_slices, model.img_size, model.num_classes
     c, z, y, x = image.shape
+    # Volumes smaller than a window are padded symmetrically (content centred in the window).
     pad_z, pad_y, pad_x = max(t - z, 0), max(s - y, 0), max(s - x, 0)
+    z0_, y0_, x0_ = pad_z // 2, pad_y // 2, pad_x // 2
     if pad_z or pad_y or pad_x:
         fill = float(image.min())
         padded = image.new_full((c, z + pad_z, y + pad_y, x + pad_x), fill)
-        padded[:, :z, :y, :x] = image
+        padded[:, z0_:z0_ + z, y0_:y0_ + y, x0_:x0_ + x] = image
         image = padded
     zz, yy, xx = image.shape[1:]
     weights = gaussian_weights(t, s)
@@ -104,6 +113,8 @@ def sliding_window_labels(
         torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
         if amp_dtype is not None else contextlib.nullcontext()
     )
+
+    clock = _Clock(timings, torch.device(device))
 
     def finalize(before: int) -> None:
         for zi in sorted(i for i in pending if i < before):
@@ -119,9 +130,9 @@ def sliding_window_labels(
         crops = torch.stack([image[:, z0:z0 + t, y0:y0 + s, x0:x0 + s] for z0, y0, x0 in batch])
         crops = crops.to(device)
         with autocast:
-            probs = _predict(model, crops, mirror_axes)
+            probs = _predict(model, crops, mirror_axes, clock)
         probs = probs.float().cpu()  # (B, K, T, S, S)
-        for (z0, y0, x0), p in zip(batch, probs):
+        for (z0, y0, x0), p in zip(batch, probs, strict=True):
             for dz in range(t):
                 zi = z0 + dz
                 if zi not in pending:
@@ -133,14 +144,43 @@ def sliding_window_labels(
         if progress is not None:
             progress(done, total)
     finalize(zz)
-    return out[:z, :y, :x]
+    clock.lap("stitch")
+    return out[z0_:z0_ + z, y0_:y0_ + y, x0_:x0_ + x]
 
 
-def _predict(model: torch.nn.Module, crops: torch.Tensor, mirror_axes: tuple[int, ...]):
+class _Clock:
+    """Adds the seconds since the last lap to ``timings[name]`` (no-op without timings)."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings = timings
+        self.sync = device.type == "cuda" and timings is not None
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def _predict(
+    model: torch.nn.Module,
+    crops: torch.Tensor,
+    mirror_axes: tuple[int, ...],
+    clock: _Clock | None = None,
+) -> torch.Tensor:
     """Mean class scores ``(B, K, T, S, S)`` over the identity and each mirrored copy."""
+    clock = clock or _Clock(None, crops.device)
+    clock.lap("stitch")
     out = model(crops)
+    clock.lap("network")
     probs = semantic_probabilities(out["pred_logits"], out["pred_masks"])
     for axis in mirror_axes:
+        clock.lap("stitch")
         o = model(crops.flip(axis))
+        clock.lap("network")
         probs = probs + semantic_probabilities(o["pred_logits"], o["pred_masks"]).flip(axis)
     return probs / (1 + len(mirror_axes))
