@@ -151,13 +151,15 @@ class MaskSAMSlicerLogic(ScriptedLoadableModuleLogic):
 # MaskSAMSlicerTest
 #
 class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
-    """A tiny end-to-end auto-segmentation inside Slicer.
+    """A tiny end-to-end run inside Slicer: Train tab logic, then Auto-segment logic.
 
-    Builds a synthetic CT-like volume, creates a tiny random MaskSAM model with the real CLI
-    (``PythonSlicer -m MaskSAMLib init --backbone tiny``), runs the real ``segment`` child
-    through the module logic and checks names, colours, reference geometry and that every
-    segment equals the CLI's own label map voxel for voxel. Skips (with a message) when PyTorch
-    is not installed, since tests must not install packages.
+    Builds a synthetic CT-like volume and a segmentation of it, exports the pair as a training
+    case, trains a tiny random-init MaskSAM for two iterations with the real child
+    (``PythonSlicer -m MaskSAMLib train``), auto-segments the volume with it (the real
+    ``segment`` child) and checks segment names, colours, reference geometry, and that every
+    segment equals the CLI's own label map voxel for voxel. Skips with a message when PyTorch or
+    the requirements are missing (tests must not install packages) or when this MaskSAMLib
+    has no ``train``/``segment`` command.
     """
 
     def setUp(self):
@@ -172,17 +174,16 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Skipped: {message}")
 
     def test_AutoSegmentTinyModel(self):
-        import json
-
         import numpy as np
 
         from MaskSAMSlicerLib import volumeIO
         from MaskSAMSlicerLib.install import DependencyInstaller
-        from MaskSAMSlicerLib.modelRegistry import readModelDir
-        from MaskSAMSlicerLib.process import childEnvironment, masksamCommand, runBlocking
+        from MaskSAMSlicerLib.modelRegistry import ModelRegistry
+        from MaskSAMSlicerLib.process import childEnvironment
         from MaskSAMSlicerLib.segmentationLogic import registerSegmentationConverterRules
+        from MaskSAMSlicerLib.trainingLogic import TrainingCaseStore
 
-        self.delayDisplay("Starting the MaskSAM auto-segmentation test")
+        self.delayDisplay("Starting the MaskSAM end-to-end test")
         moduleDir = os.path.dirname(slicer.util.modulePath("MaskSAMSlicer"))
         installer = DependencyInstaller(os.path.join(moduleDir, "Resources", "requirements.txt"))
         if not installer.isReady():
@@ -192,51 +193,62 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         logic = MaskSAMSlicerLogic()
         python = logic.segmentation.python
         helpResult = subprocess.run([python, "-m", "MaskSAMLib", "--help"], capture_output=True,
-                              text=True, env=childEnvironment(), timeout=120)
-        if "segment" not in helpResult.stdout.split("COMMAND", 1)[-1]:
-            self._skip("this MaskSAMLib has no 'segment' command")
+                                    text=True, env=childEnvironment(), timeout=120)
+        commands = helpResult.stdout.split("COMMAND", 1)[-1]
+        if "segment" not in commands or "train" not in commands:
+            self._skip("this MaskSAMLib has no 'train' or 'segment' command")
             return
+        registerSegmentationConverterRules()
 
-        # A small CT-like volume with an oblique, anisotropic grid.
+        # A small CT-like volume (oblique, anisotropic grid) and a two-class segmentation of it.
         array = np.full((16, 40, 48), -100, dtype=np.int16)
         array[4:12, 8:28, 10:30] = 180
+        array[5:11, 26:36, 30:42] = 40
         volume = slicer.util.addVolumeFromArray(array, name="MaskSAMTestCT")
         volume.SetSpacing(0.9, 0.8, 2.5)
         volume.SetOrigin(-20.0, 15.0, 30.0)
         volume.SetIJKToRASDirections(0.96, -0.28, 0.0, 0.28, 0.96, 0.0, 0.0, 0.0, 1.0)
+        reference = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference")
+        reference.CreateDefaultDisplayNodes()
+        reference.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        for name, value in (("liver", 180), ("spleen", 40)):
+            segmentId = reference.GetSegmentation().AddEmptySegment(name, name)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(
+                (array == value).astype(np.uint8), reference, segmentId, volume)
 
         workDir = slicer.util.tempDirectory("MaskSAMSlicerTest")
-        labelsFile = os.path.join(workDir, "labels.json")
-        with open(labelsFile, "w", encoding="utf-8") as handle:
-            json.dump(["background", "liver", "spleen"], handle)
-        modelDir = os.path.join(workDir, "tiny-model")
-        code, _events, runner = runBlocking(
-            masksamCommand("init", "--backbone", "tiny", "--labels", labelsFile, "--out",
-                           modelDir, python=python),
-            env=childEnvironment(), timeout=600)
-        self.assertEqual(code, 0, runner.failureMessage())
-        model = readModelDir(modelDir)
-        self.delayDisplay("Tiny model created; segmenting")
+        store = TrainingCaseStore(os.path.join(workDir, "cases"))
+        store.addCase(volume, reference)
+        self.assertEqual(store.classNames(), ["liver", "spleen"])
+        registry = ModelRegistry(userModelsDir=os.path.join(workDir, "models"))
+        self.delayDisplay("Training a tiny model for 2 iterations")
+        job = logic.training.startTraining(
+            store.folder, registry.newModelDir("selftest"), backbone="tiny", iterations=2,
+            batchSize=1, device="CPU", valFraction=0.0)
+        job.runner.wait(timeout=900)
+        model = logic.training.finishTraining(job, registry)
+        self.assertEqual(model.classNames(), ["liver", "spleen"])
 
-        registerSegmentationConverterRules()
+        self.delayDisplay("Auto-segmenting with the new model")
         logic.segmentation.keepTemporaryFiles = True
         logic.segmentation.tempRoot = workDir
-        job = logic.segmentation.startSegmentation(volume, model, device="CPU", speed="Fast")
-        job.runner.wait(timeout=600)
-        result = logic.segmentation.finishSegmentation(job)
+        segJob = logic.segmentation.startSegmentation(volume, model, device="CPU", speed="Fast")
+        segJob.runner.wait(timeout=900)
+        result = logic.segmentation.finishSegmentation(segJob)
         segmentationNode = result.segmentationNode
 
         segmentation = segmentationNode.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName()
                  for i in range(segmentation.GetNumberOfSegments())]
         self.assertEqual(names, model.classNames())
-        reference = segmentationNode.GetNodeReference(
+        referenceVolume = segmentationNode.GetNodeReference(
             segmentationNode.GetReferenceImageGeometryReferenceRole())
-        self.assertIs(reference, volume)
+        self.assertIs(referenceVolume, volume)
         self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
-        cliArray, cliGeometry = volumeIO.readLabelMap(job.outputPath)
+        cliArray, cliGeometry = volumeIO.readLabelMap(segJob.outputPath)
         self.assertEqual(cliGeometry.differences(volumeIO.volumeGeometry(volume)), [])
         classes = [lab for lab in model.labels if lab["value"] != 0]
+        self.assertEqual(len(result.summary), len(classes))
         for row, lab in zip(result.summary, classes):
             segment = segmentation.GetSegment(row["segmentId"])
             for got, want in zip(segment.GetColor(), lab["color"]):

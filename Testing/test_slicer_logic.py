@@ -773,3 +773,20 @@ def test_real_segment_child_matches_the_cli_label_map(scene, tmp_path, sceneTrai
         result.segmentationNode.GetReferenceImageGeometryReferenceRole())
     assert reference is volume
     assert result.sidecar is not None and result.sidecar.get("device") == "cpu"
+
+
+def test_kill_ends_a_child_at_once(tmp_path):
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\nprint('up', flush=True)\ntime.sleep(600)\n")
+    runner = ProcessRunner([PY, str(script)], stopFile=tmp_path / "STOP",
+                           stopGraceS=600).start()
+    while not any(e.get("message") == "up" for e in runner.poll()):
+        time.sleep(0.02)
+    runner.cancel()  # polite: writes the stop file, which this child ignores
+    assert (tmp_path / "STOP").exists()
+    with pytest.raises(TimeoutError):
+        runner.wait(timeout=0.5)
+    runner.kill()
+    runner.wait(timeout=10)
+    assert runner.wasCancelled() and runner.returnCode != 0
+    assert not psutil.pid_exists(runner.pid)

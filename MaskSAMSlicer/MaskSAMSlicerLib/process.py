@@ -379,6 +379,15 @@ class ProcessRunner:
         self._cancelPhase = "terminate"
         self._cancelDeadline = now + self.terminateGraceS
 
+    def kill(self) -> None:
+        """Kill the whole process tree now (no grace period); used when the app exits."""
+        if self.popen is None or self._exitReported:
+            return
+        self.cancelRequested = True
+        self._killTree()
+        self._cancelPhase = "kill"
+        self._cancelDeadline = time.monotonic() + 5.0
+
     def cancelAndWait(self, timeout: float | None = None) -> int:
         """Blocking cancel: request the stop and wait until the whole tree is gone."""
         self.cancel()

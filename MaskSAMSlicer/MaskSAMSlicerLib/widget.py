@@ -95,13 +95,14 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self.ui.loadFileButton.clicked.connect(self.onLoadFile)
         self.ui.loadDicomButton.clicked.connect(lambda: slicer.util.selectModule("DICOM"))
         self.ui.sampleDataButton.clicked.connect(self.onLoadSample)
-        self.ui.modelSelector.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.addModelButton.clicked.connect(self.onAddModel)
-        self.ui.refreshModelsButton.clicked.connect(self.refreshModels)
+        self.ui.refreshModelsButton.clicked.connect(lambda: self.refreshModels())
         self.ui.downloadModelButton.clicked.connect(self.onDownloadModel)
         self.ui.importModelFileButton.clicked.connect(self.onImportModelFile)
-        self.ui.deviceSelector.currentIndexChanged.connect(self.onDeviceChanged)
-        self.ui.speedSelector.currentIndexChanged.connect(
+        self.ui.deviceSelector.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.speedSelector.connect(
+            "currentIndexChanged(int)",
             lambda _i: _setSettingsValue("speed", self.ui.speedSelector.currentText))
         self.ui.detectDeviceButton.clicked.connect(self.onDetectDevices)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
@@ -126,15 +127,14 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self.ui.samCheckpointPathLineEdit.currentPath = _settingsValue("samCheckpoint", "")
         self.ui.workFolderPathLineEdit.connect("currentPathChanged(QString)",
                                                self.onWorkFolderChanged)
-        self.ui.datasetFolderPathLineEdit.connect(
-            "currentPathChanged(QString)",
-            lambda path: (_setSettingsValue("datasetFolder", path), self.updateButtonStates()))
+        self.ui.datasetFolderPathLineEdit.connect("currentPathChanged(QString)",
+                                                  self.onDatasetFolderChanged)
         self.ui.samCheckpointPathLineEdit.connect(
             "currentPathChanged(QString)", lambda path: _setSettingsValue("samCheckpoint", path))
-        self.ui.casesSourceSelector.currentIndexChanged.connect(self.onCasesSourceChanged)
+        self.ui.casesSourceSelector.connect("currentIndexChanged(int)", self.onCasesSourceChanged)
         self.ui.addCaseButton.clicked.connect(self.onAddCase)
         self.ui.removeCaseButton.clicked.connect(self.onRemoveCase)
-        self.ui.baseModelSelector.currentIndexChanged.connect(self.onBaseModelChanged)
+        self.ui.baseModelSelector.connect("currentIndexChanged(int)", self.onBaseModelChanged)
         self.ui.startTrainingButton.clicked.connect(lambda: self.onStartTraining(resume=False))
         self.ui.resumeTrainingButton.clicked.connect(lambda: self.onStartTraining(resume=True))
         self.ui.stopTrainingButton.clicked.connect(self.onStopTraining)
@@ -150,7 +150,8 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self._selectComboText(self.ui.deviceSelector, _settingsValue("device", "Auto"))
         self._selectComboText(self.ui.trainDeviceSelector, _settingsValue("trainDevice", "Auto"))
         self._selectComboText(self.ui.speedSelector, _settingsValue("speed", "Standard"))
-        self.ui.trainDeviceSelector.currentIndexChanged.connect(
+        self.ui.trainDeviceSelector.connect(
+            "currentIndexChanged(int)",
             lambda _i: _setSettingsValue("trainDevice", self.ui.trainDeviceSelector.currentText))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -166,7 +167,14 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         """Module widget destroyed (application exit): stop children, drop observers."""
         for job in (self._segJob, self._trainJob):
             if job is not None and job.runner.isRunning():
-                job.runner.cancelAndWait(timeout=30)
+                try:  # training gets a moment to save its checkpoint
+                    job.runner.cancelAndWait(timeout=20)
+                except TimeoutError:
+                    job.runner.kill()
+                    try:
+                        job.runner.wait(timeout=10)
+                    except TimeoutError:
+                        logging.error("MaskSAMSlicer: a child process did not exit.")
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -608,6 +616,10 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
             self._caseStore = None
             self.showError(str(exc), self.ui.trainStatusLabel)
         self.refreshCasesTable()
+
+    def onDatasetFolderChanged(self, path: str) -> None:
+        _setSettingsValue("datasetFolder", path)
+        self.updateButtonStates()
 
     def onCasesSourceChanged(self, _index=None) -> None:
         self.refreshCasesTable()
