@@ -201,9 +201,9 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         registerSegmentationConverterRules()
 
         # A small CT-like volume (oblique, anisotropic grid) and a two-class segmentation of it.
-        array = np.full((16, 40, 48), -100, dtype=np.int16)
-        array[4:12, 8:28, 10:30] = 180
-        array[5:11, 26:36, 30:42] = 40
+        array = np.full((10, 32, 36), -100, dtype=np.int16)
+        array[2:8, 6:22, 6:22] = 180
+        array[3:7, 20:30, 22:33] = 40
         volume = slicer.util.addVolumeFromArray(array, name="MaskSAMTestCT")
         volume.SetSpacing(0.9, 0.8, 2.5)
         volume.SetOrigin(-20.0, 15.0, 30.0)

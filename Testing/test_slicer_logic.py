@@ -745,7 +745,7 @@ def test_real_train_child_accepts_the_exported_dataset(sceneTrainedModel):
                     reason="'masksam segment' is not in MaskSAMLib's CLI yet (issue 4)")
 def test_real_segment_child_matches_the_cli_label_map(scene, tmp_path, sceneTrainedModel):
     """A volume node through the real `python -m MaskSAMLib segment` child, voxel for voxel."""
-    array = phantomArray((16, 32, 32))
+    array = phantomArray((10, 32, 32))
     volume = makeVolume(scene, array)
     logic = SegmentationLogic(scene, python=PY, tempRoot=str(tmp_path),
                               environment=childEnvironment(extraPythonPath=str(REPO)))
@@ -790,3 +790,24 @@ def test_kill_ends_a_child_at_once(tmp_path):
     runner.wait(timeout=10)
     assert runner.wasCancelled() and runner.returnCode != 0
     assert not psutil.pid_exists(runner.pid)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("segment" not in cliSubcommands(),
+                    reason="'masksam segment' is not in MaskSAMLib's CLI yet (issue 4)")
+def test_cuda_without_a_gpu_is_a_clear_error_and_changes_nothing(scene, tmp_path,
+                                                                 sceneTrainedModel):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    volume = makeVolume(scene, phantomArray((16, 32, 32)))
+    before = nodeIds(scene)
+    logic = SegmentationLogic(scene, python=PY, tempRoot=str(tmp_path),
+                              environment=childEnvironment(extraPythonPath=str(REPO)))
+    job = logic.startSegmentation(volume, sceneTrainedModel["model"], device="CUDA")
+    job.runner.wait(timeout=300)
+    with pytest.raises(ChildFailedError, match="(?i)cuda"):
+        logic.finishSegmentation(job)
+    assert job.runner.returnCode == 1
+    assert nodeIds(scene) == before

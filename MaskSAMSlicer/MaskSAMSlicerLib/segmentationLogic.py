@@ -70,7 +70,10 @@ def registerSegmentationConverterRules() -> None:
     import slicer
 
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    known = {type(rule).__name__ for rule in factory.GetConverterRules()}
+    try:
+        known = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    except Exception:  # noqa: BLE001 - rule list not wrapped: the app has registered them
+        return
     for rule in (
         slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
         slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
