@@ -255,9 +255,108 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train_entry)
 
 
+# ----------------------------------------------------------------------------- segment
+def segment_entry(args: argparse.Namespace) -> int:
+    from .inference.segment import SegmentRequest, segment
+
+    progress = _progress(args)
+    request = SegmentRequest(
+        inputs=[Path(p) for p in args.inputs], model=Path(args.model), out=Path(args.out),
+        device=args.device, series_uid=args.series_uid, fast=args.fast, tta=args.tta,
+        step=args.step, overwrite=args.overwrite, fmt=args.format,
+        memory_budget_gb=args.memory_budget, batch_windows=args.batch_windows,
+    )
+    summary = segment(request, progress)
+    outputs = [w["output"] for w in summary.written]
+    if not summary.ok:
+        progress.error(summary.message())
+        return 1
+    single = outputs[0] if len(outputs) == 1 and not summary.batch else None
+    progress.done(summary.message(), output=single or str(request.out), outputs=outputs,
+                  skipped=len(summary.skipped))
+    if progress.mode != "json" and not args.quiet:
+        print(summary.message() + (f" Output: {single}" if single else f" Outputs in {args.out}"),
+              file=sys.stderr)
+    return 0
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment", help="auto-segment volumes with a trained model",
+        description="Auto-segment volumes (NIfTI/NRRD/MHA files or DICOM series folders) with "
+                    "a MaskSAM model folder. The label map lands in the input's exact grid. "
+                    "Several inputs or a folder of images: --out is a folder, finished outputs "
+                    "are skipped and a bad case does not stop the others. " + RESEARCH_NOTICE)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file(s) (one per channel for multi-channel models), a DICOM "
+                        "series folder, or a folder of images")
+    p.add_argument("--model", required=True, help="a trained model folder")
+    p.add_argument("--out", required=True,
+                   help="output file (.nii.gz, .nii, .nrrd, .mha, .seg.nrrd, or .dcm DICOM SEG "
+                        "for DICOM inputs) or, for several cases, a folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--series-uid", help="the DICOM series to read when a folder holds several")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--fast", action="store_true",
+                       help="faster, less accurate: no window overlap, coarser in-plane spacing")
+    speed.add_argument("--tta", action="store_true",
+                       help="slower, more accurate: mirror test-time augmentation (never "
+                            "left-right for lateralized classes)")
+    p.add_argument("--step", type=float, default=0.5,
+                   help="window step as a fraction of the window (default 0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--format", choices=["nii.gz", "nii", "nrrd", "mha", "seg.nrrd", "dcm"],
+                   help="output type when --out is a folder (default nii.gz)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                   help="refuse volumes estimated to need more memory (default: what is free)")
+    p.add_argument("--batch-windows", type=int, default=2, help="windows per network pass")
+    _common(p)
+    p.set_defaults(func=segment_entry)
+
+
+# ----------------------------------------------------------------------------- demo
+def demo_entry(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    progress = _progress(args)
+    options = DemoOptions(
+        out=Path(args.out), iterations=args.iterations, cases=args.cases,
+        size=tuple(args.size), device=args.device, seed=args.seed, overwrite=args.overwrite,
+    )
+    result = run_demo(options, progress)
+    progress.done("Demo finished", output=str(result.segmentation), model_dir=str(result.model),
+                  mean_foreground_dice=result.mean_dice)
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import DEMO_CASES, DEMO_ITERATIONS, DEMO_SIZE
+
+    p = sub.add_parser(
+        "demo", help="phantoms -> train a tiny model -> auto-segment -> evaluate (CPU, minutes)",
+        description="The main job end to end on a machine with no GPU and no data: makes a "
+                    "small synthetic CT dataset, trains the 'tiny' backbone on it, auto-segments "
+                    "a held-out phantom, evaluates it and writes the .seg.nrrd, the report and a "
+                    "PNG overlay. " + RESEARCH_NOTICE)
+    p.add_argument("--out", default="masksam-demo", help="output folder (default masksam-demo)")
+    p.add_argument("--iterations", type=int, default=DEMO_ITERATIONS,
+                   help=f"training iterations (default {DEMO_ITERATIONS}: fits 10 minutes on "
+                        "2 CPU cores); fewer for a quicker, rougher run")
+    p.add_argument("--cases", type=int, default=DEMO_CASES, help="training phantoms")
+    p.add_argument("--size", type=int, nargs=3, default=list(DEMO_SIZE), metavar=("X", "Y", "Z"),
+                   help="phantom voxels")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    _common(p)
+    p.set_defaults(func=demo_entry)
+
+
 # ----------------------------------------------------------------------------- main
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_init, _add_make_phantoms, _add_evaluate, _add_train,
+    _add_init, _add_make_phantoms, _add_evaluate, _add_train, _add_segment, _add_demo,
 ]
 
 

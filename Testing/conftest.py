@@ -56,12 +56,17 @@ def trained_tiny_model_dir(tmp_path_factory) -> Path:
     dataset = make_phantoms(root / "phantoms", cases=TRAINED_PHANTOM_CASES, seed=0,
                             size=TRAINED_PHANTOM_SIZE)
     out = root / "model"
-    train(
-        TrainRequest(dataset=dataset, out=out, backbone="tiny", device="cpu", val_fraction=0.0,
-                     cache_dir=root / "cache"),
-        TrainOptions(iterations=TRAINED_ITERATIONS, batch_size=2, num_points=1024,
-                     val_every=TRAINED_ITERATIONS, checkpoint_every=TRAINED_ITERATIONS,
-                     workers=0),
-        Progress("none"),
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is as fast, and immune to busy cores
+    try:
+        train(
+            TrainRequest(dataset=dataset, out=out, backbone="tiny", device="cpu",
+                         val_fraction=0.0, cache_dir=root / "cache"),
+            TrainOptions(iterations=TRAINED_ITERATIONS, batch_size=2, num_points=1024,
+                         val_every=TRAINED_ITERATIONS, checkpoint_every=TRAINED_ITERATIONS,
+                         workers=0),
+            Progress("none"),
+        )
+    finally:
+        torch.set_num_threads(threads)
     return out

@@ -36,6 +36,15 @@ REGIONS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny networks: one thread is as fast as two and does not stall when cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class _StandIn(nn.Module):
     """MaskSAM's interface and output format around a per-voxel class rule."""
 

@@ -1,0 +1,169 @@
+"""Where a case's outputs go, and writing them: label map (or DICOM SEG) plus a JSON sidecar.
+
+Formats by extension: ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` label maps, ``.seg.nrrd``
+with Slicer's segment metadata (names, colours, terminology), and ``.dcm`` DICOM SEG (DICOM
+series inputs only). The sidecar ``<name>.json`` next to the output records the per-segment
+volume (ml), the model, device, options and the time of each stage. Every file appears
+atomically; an existing output is only replaced with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..data.writers import LABEL_EXTENSIONS, write_label_map
+from ..errors import MaskSAMError
+from ..files import atomic_write_text, split_extension
+from .dicom_seg import require_highdicom, write_dicom_seg
+from .inputs import CaseInput
+from .predictor import Prediction, PredictOptions, Predictor
+
+OUTPUT_EXTENSIONS = (*LABEL_EXTENSIONS, ".dcm")
+FORMATS = tuple(ext.lstrip(".") for ext in OUTPUT_EXTENSIONS)
+NOTICE = ("Research use only: not a medical device and not for diagnosis. No clinically trained "
+          "model ships with MaskSAMSlicer.")
+
+
+def output_extension(path: str | Path) -> str | None:
+    """The output format of ``path`` by its extension, or None when it has none we write."""
+    lower = str(path).lower()
+    for ext in OUTPUT_EXTENSIONS:
+        if lower.endswith(ext):
+            return ext
+    return None
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """``out/case.seg.nrrd`` -> ``out/case.json``."""
+    stem, _ = split_extension(str(output))
+    if stem.lower().endswith(".seg"):
+        stem = stem[:-4]
+    return Path(stem + ".json")
+
+
+@dataclass
+class PlannedOutput:
+    """A case and the file its label map goes to."""
+
+    case: CaseInput
+    path: Path
+
+    @property
+    def is_dicom_seg(self) -> bool:
+        return output_extension(self.path) == ".dcm"
+
+
+def plan_outputs(
+    cases: list[CaseInput], out: str | Path, *, batch: bool, fmt: str | None
+) -> list[PlannedOutput]:
+    """Output path of every case: ``out`` itself for one case, ``out/<case id>.<fmt>`` else."""
+    out = Path(out)
+    fmt_ext = None
+    if fmt is not None:
+        fmt_ext = "." + fmt.lstrip(".").lower()
+        if fmt_ext not in OUTPUT_EXTENSIONS:
+            raise MaskSAMError(f"Unknown --format {fmt}; use one of {', '.join(FORMATS)}.")
+    as_folder = batch or out.is_dir() or output_extension(out) is None
+    if batch and output_extension(out) is not None and not out.is_dir():
+        raise MaskSAMError(f"Several cases are being segmented, so --out must be a folder, not "
+                           f"the file name {out}.")
+    if not as_folder:
+        if fmt_ext is not None and fmt_ext != output_extension(out):
+            raise MaskSAMError(f"--format {fmt} contradicts the --out extension of {out}.")
+        if not out.parent.is_dir():
+            raise MaskSAMError(f"Cannot write {out}: the folder {out.parent} does not exist.")
+        planned = [PlannedOutput(cases[0], out)]
+    else:
+        if out.exists() and not out.is_dir():
+            raise MaskSAMError(f"--out {out} is a file; several cases need an output folder.")
+        if not out.parent.is_dir():
+            raise MaskSAMError(f"Cannot create {out}: the folder {out.parent} does not exist.")
+        ext = fmt_ext or ".nii.gz"
+        planned = [PlannedOutput(c, out / f"{c.case_id}{ext}") for c in cases]
+    for item in planned:
+        if item.is_dicom_seg:
+            if not item.case.dicom:
+                raise MaskSAMError(
+                    f"{item.path}: DICOM SEG output needs a DICOM series input (it references "
+                    "the source images); write .seg.nrrd or .nii.gz for "
+                    f"{item.case.describe()}."
+                )
+            require_highdicom()
+    return planned
+
+
+def write_outputs(
+    prediction: Prediction,
+    planned: PlannedOutput,
+    predictor: Predictor,
+    options: PredictOptions,
+    *,
+    overwrite: bool,
+    read_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Write the label map (or DICOM SEG) then its sidecar; returns the sidecar content."""
+    start = time.perf_counter()
+    if planned.is_dicom_seg:
+        series = planned.case.series
+        if series is None:
+            raise MaskSAMError(f"{planned.path}: the DICOM series of this case is unknown.")
+        write_dicom_seg(prediction.labels, predictor.labels, series.files, planned.path,
+                        spacing=prediction.geometry.spacing, overwrite=overwrite,
+                        software_version=__version__)
+    else:
+        write_label_map(prediction.labels, prediction.geometry, planned.path,
+                        overwrite=overwrite, labels=predictor.labels)
+    timings = {"read": read_seconds, **prediction.timings, "write": time.perf_counter() - start}
+    info = sidecar(prediction, planned, predictor, options, timings)
+    atomic_write_text(sidecar_path(planned.path), json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def sidecar(
+    prediction: Prediction,
+    planned: PlannedOutput,
+    predictor: Predictor,
+    options: PredictOptions,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The JSON sidecar: segments with volumes, model, device, options, timings (seconds)."""
+    cfg = predictor.config
+    order = ("read", "preprocess", "encoder", "decoder", "stitch", "postprocess", "write")
+    times = {k: round(timings[k], 3) for k in order if k in timings}
+    times["total"] = round(sum(timings.get(k, 0.0) for k in order), 3)
+    case = planned.case
+    return {
+        "format_version": 1,
+        "notice": NOTICE,
+        "software": f"MaskSAMLib {__version__}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "case": case.case_id,
+        "inputs": [str(p) for p in case.paths],
+        "series_uid": case.series.uid if case.series is not None else None,
+        "output": str(planned.path),
+        "model": {
+            "dir": str(predictor.model_dir) if predictor.model_dir else None,
+            "backbone": cfg.backbone.name,
+            "img_size": cfg.img_size,
+            "num_slices": cfg.num_slices,
+            "num_queries": cfg.num_queries,
+            "provenance": cfg.provenance,
+        },
+        "device": str(predictor.device),
+        "options": {
+            "step": options.effective_step, "fast": options.fast, "tta": options.tta,
+            "mirror_axes": list(predictor.mirror_axes()) if options.tta else [],
+            "target_spacing": list(predictor.preprocess_config(options).target_spacing),
+        },
+        "geometry": prediction.geometry.to_dict(),
+        "preprocessed_shape": list(prediction.preprocessed_shape),
+        "windows": prediction.windows,
+        "segments": prediction.segment_volumes(predictor.labels),
+        "timings_s": times,
+    }
