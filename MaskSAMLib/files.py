@@ -105,8 +105,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 f"{target} already exists and is not empty; choose a new output folder or remove it."
             )
     parent = target.parent
-    if not parent.exists():
-        raise MaskSAMError(f"The parent folder {parent} does not exist; create it first.")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _raise_os_error(exc, target)
     tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
