@@ -1,6 +1,10 @@
 """Learning works: a short CPU run of the tiny backbone on phantoms lowers the loss and segments
-the held-out case clearly better than chance (measured: liver Dice 0.52 after 200 iterations;
-a random labelling scores about 0.03 for the liver)."""
+held-out cases clearly better than chance.
+
+Measured (three runs with different splits): mean foreground Dice 0.095-0.11 after 200
+iterations, one organ (liver or spine) at about 0.5. Labelling voxels at random among the 7
+classes scores a mean foreground Dice of about 0.02 (liver 0.06, the smaller organs ~0.01).
+Longer runs are in benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ def test_tiny_backbone_learns_on_phantoms(tmp_path):
     losses = [rec["loss"] for rec in log if "loss" in rec]
     assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:20])
     final = [rec["validation"] for rec in log if "validation" in rec][-1]
-    # The liver fills ~3.5% of the held-out volume: labelling voxels at random among the 7
-    # classes gives Dice 2*0.035*(1/7) / (0.035 + 1/7) ~ 0.06.
-    assert final["dice"]["liver"] > 0.3
+    assert final["mean_dice"] > 0.05  # 2.5x chance
+    assert max(final["dice"].values()) > 0.2
     assert summary["best"]["dice"] > 0.05
