@@ -364,3 +364,31 @@ def test_child_process_exit_codes_and_no_traceback(tmp_path, quick_model):
     usage = subprocess.run([sys.executable, "-m", "MaskSAMLib", "segment", "x.nii.gz"],
                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert usage.returncode == 2 and "--model" in usage.stderr
+
+
+def test_sigterm_stops_cleanly_with_130_and_no_output(tmp_path, quick_model):
+    image, _ = make_phantom_case(3, 7, size=(96, 96, 48))
+    source = tmp_path / "long.nii.gz"
+    sitk.WriteImage(image, str(source), True)
+    out = tmp_path / "out" / "long.seg.nrrd"
+    out.parent.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "MaskSAMLib", "segment", str(source), "--model", str(quick_model),
+         "--out", str(out), "--progress", "json", "--batch-windows", "1", "--step", "0.25"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    )
+    try:
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "progress" and event.get("stage") == "segment":
+                assert event["done"] < event["total"]
+                proc.send_signal(15)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
