@@ -392,3 +392,36 @@ def test_sigterm_stops_cleanly_with_130_and_no_output(tmp_path, quick_model):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_multichannel_model_one_file_per_channel(capsys, tmp_path, cases):
+    stats = CTNormStats(mean=60.0, std=200.0, percentile_00_5=-1000.0, percentile_99_5=1000.0)
+    pre = PreprocessConfig(target_spacing=(2.0, 2.0, 4.5), channel_names=["CT", "PET"],
+                           ct_stats=[stats, None])
+    model = save_model_dir(create_model(
+        backbone="tiny", labels=make_labels(["background", "liver"]), in_channels=2,
+        preprocessing=pre.to_dict(), img_size=32), tmp_path / "two_channel")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for case in ("a", "b"):
+        image = sitk.ReadImage(str(cases / "case0_0000.nii.gz"))
+        sitk.WriteImage(image, str(folder / f"{case}_0000.nii.gz"))
+        second = sitk.Cast(image, sitk.sitkFloat32) * 0.1
+        sitk.WriteImage(second, str(folder / f"{case}_0001.nii.gz"))
+    out = tmp_path / "one.nii.gz"
+    code, _, err = run(capsys, "segment", folder / "a_0000.nii.gz", folder / "a_0001.nii.gz",
+                       "--model", model, "--out", out, "--fast")
+    assert code == 0, err
+    first = sitk.ReadImage(str(folder / "a_0000.nii.gz"))
+    assert sitk.ReadImage(str(out)).GetSize() == first.GetSize()
+    code, _, err = run(capsys, "segment", folder / "a_0000.nii.gz", "--model", model, "--out",
+                       tmp_path / "x.nii.gz")
+    assert_one_line_error(code, err, "2 channels", "one file per channel")
+    code, _, err = run(capsys, "segment", folder, "--model", model, "--out", tmp_path / "batch",
+                       "--fast")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == [
+        "a.json", "a.nii.gz", "b.json", "b.nii.gz"]
+    (folder / "b_0001.nii.gz").unlink()
+    code, _, err = run(capsys, "segment", folder, "--model", model, "--out", tmp_path / "c")
+    assert_one_line_error(code, err, "Case b has channel files [0]")

@@ -10,6 +10,7 @@ between window batches: finished outputs stay, the current one is never half-wri
 from __future__ import annotations
 
 import signal
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class SegmentRequest:
     fmt: str | None = None
     memory_budget_gb: float | None = None
     batch_windows: int = 2
+    debug: bool = False
 
 
 @dataclass
@@ -135,6 +137,8 @@ def segment(
             except (MaskSAMError, MemoryError, Exception) as exc:  # noqa: BLE001 - reported
                 if not batch:
                     raise
+                if request.debug:
+                    traceback.print_exc()
                 message = _one_line(exc)
                 summary.failed.append((item.case.case_id, message))
                 progress.log(f"error: [{index}/{len(planned)}] {item.case.case_id}: {message}",
