@@ -265,6 +265,7 @@ def segment_entry(args: argparse.Namespace) -> int:
         device=args.device, series_uid=args.series_uid, fast=args.fast, tta=args.tta,
         step=args.step, overwrite=args.overwrite, fmt=args.format,
         memory_budget_gb=args.memory_budget, batch_windows=args.batch_windows,
+        debug=args.debug,
     )
     summary = segment(request, progress)
     outputs = [w["output"] for w in summary.written]
