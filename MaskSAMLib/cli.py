@@ -379,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version printed their text: an exit code, not
+            return exc.code if isinstance(exc.code, int) else 0  # an exception, for callers
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

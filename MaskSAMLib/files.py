@@ -13,11 +13,41 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import MaskSAMError
+
+
+# Fault injection for the reliability tests (Testing/test_reliability_faults.py), read once at
+# import and inert when unset: MASKSAM_FAULT="<point>[@<file name>]:<n>" makes the process
+# SIGKILL itself the n-th time it reaches <point> (for that file name, if given). Points:
+# "write:before_rename" (atomic_path: temp file complete, not yet renamed) and
+# "checkpoint:before_rename" (training/checkpoint.py).
+def _parse_fault(spec: str | None) -> tuple[str, str | None, int] | None:
+    if not spec:
+        return None
+    point, _, count = spec.rpartition(":")
+    point, _, name = point.partition("@")
+    return (point, name or None, int(count)) if count.isdigit() else None
+
+
+_FAULT = _parse_fault(os.environ.get("MASKSAM_FAULT"))
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(point: str, path: str | os.PathLike | None = None) -> None:
+    """Test hook: SIGKILL this process at the point MASKSAM_FAULT names (no-op when unset)."""
+    if _FAULT is None or _FAULT[0] != point:
+        return
+    if _FAULT[1] is not None and (path is None or Path(path).name != _FAULT[1]):
+        return
+    _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
+    if _FAULT_HITS[point] == _FAULT[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 # Multi-part extensions that must stay whole at the end of a temporary name.
 _COMPOUND_SUFFIXES = (".nii.gz", ".seg.nrrd", ".tar.gz", ".safetensors.part")
@@ -41,10 +71,15 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
 
 
 def _raise_os_error(exc: OSError, target: Path) -> None:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise MaskSAMError(
             f"No space left on the device while writing {target}; free some disk space and try "
             "again (the previous file, if any, is untouched)."
+        ) from exc
+    if exc.errno == errno.EFBIG:
+        raise MaskSAMError(
+            f"Could not write {target}: the file is larger than this file system or a size limit "
+            "(ulimit -f) allows; write to another disk (the previous file, if any, is untouched)."
         ) from exc
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         raise MaskSAMError(
@@ -69,6 +104,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         if not tmp.exists():
             raise MaskSAMError(f"Nothing was written for {target}.")
         _fsync_file(tmp)
+        fault_point("write:before_rename", target)
         os.replace(tmp, target)
     except OSError as exc:
         _remove_quietly(tmp)
@@ -124,6 +160,117 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _writer_failure(exc: Exception) -> OSError:
+    """An ``OSError`` for a library writer's failure (ITK, torch and safetensors raise their own
+    types, e.g. RuntimeError "unexpected pos" or SafetensorError "os error 28", when the disk is
+    full), so :func:`atomic_path` reports it in one line and keeps the previous file."""
+    text = str(exc)
+    code = errno.EIO
+    for needles, value in ((("No space", "os error 28"), errno.ENOSPC),
+                           (("too large", "os error 27"), errno.EFBIG),
+                           (("quota", "os error 122"), errno.EDQUOT),
+                           (("ermission denied", "os error 13"), errno.EACCES)):
+        if any(needle in text for needle in needles):
+            code = value
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = lines[-1][:200] if lines else type(exc).__name__
+    return OSError(code, f"the writer failed ({detail}); check the free disk space")
+
+
+def write_image(image, path: str | os.PathLike, *, compress: bool = True) -> None:
+    """``sitk.WriteImage`` that never fails silently (use it inside :func:`atomic_path`).
+
+    ITK's NIfTI writer only prints "wrote only N of M bytes" when the disk is full and returns
+    normally, so the truncated file would be renamed into place; ITK's other writers raise a
+    bare RuntimeError. Both become an ``OSError`` here.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        sitk.WriteImage(image, str(path), useCompression=compress)
+    except RuntimeError as exc:
+        raise _writer_failure(exc) from exc
+    problem = _incomplete_nifti(path) or _differs_on_reading(image, path)
+    if problem:
+        raise OSError(errno.EIO, f"{problem}; check the free disk space")
+
+
+def _differs_on_reading(image, path: Path) -> str | None:
+    """Read ``path`` back: ITK's NRRD writer, too, can leave a truncated file without an error."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    try:
+        back = sitk.ReadImage(str(path))
+    except RuntimeError:
+        return "the written file cannot be read back"
+    if back.GetSize() != image.GetSize() or any(
+        not back.HasMetaDataKey(key) for key in image.GetMetaDataKeys()
+    ):
+        return "the written file is incomplete"
+    a, b = sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)
+    if a.shape != b.shape or not np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
+        return "the written file does not hold the image"
+    return None
+
+
+def write_torch(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` whose write failures are ``OSError`` (use it inside :func:`atomic_path`)."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        raise _writer_failure(exc) from exc
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` whose write failures are ``OSError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except (SafetensorError, RuntimeError) as exc:
+        if isinstance(exc, SafetensorError) and "serializ" not in str(exc):
+            raise
+        raise _writer_failure(exc) from exc
+
+
+def _incomplete_nifti(path: Path) -> str | None:
+    """Why the NIfTI file at ``path`` is shorter than its header says (None: complete/not NIfTI)."""
+    import gzip
+    import struct
+    import zlib
+
+    lower = path.name.lower()
+    if not (lower.endswith(".nii") or lower.endswith(".nii.gz")):
+        return None
+    opener = gzip.open if lower.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(352)
+            if len(header) < 348:
+                return "the NIfTI header is incomplete"
+            order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
+            voxels = 1
+            for d in dims[1 : 1 + max(0, min(dims[0], 7))]:
+                voxels *= max(int(d), 1)
+            expected = vox_offset + voxels * max(bitpix, 8) // 8
+            length = len(header)
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                length += len(block)
+    except (OSError, EOFError, zlib.error, struct.error) as exc:
+        return f"the file cannot be read back ({exc})"
+    if length < expected:
+        return f"only {length} of {expected} bytes were written"
+    return None
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -140,8 +287,11 @@ def _fsync_file(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        # Delayed-allocation filesystems report a full disk here: that file must not be
+        # renamed into place. Filesystems without fsync (EINVAL, ENOTSUP) are fine.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
@@ -151,11 +301,31 @@ def _remove_quietly(path: Path) -> None:
         path.unlink()
 
 
+_HELD_LOCKS: set[FolderLock] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loader worker): close its copy of every held lock, so a lock
+    dies with the process that took it and a SIGKILLed run's orphaned workers never block
+    ``--resume`` (a flock belongs to the open file, which fork shares)."""
+    for lock in list(_HELD_LOCKS):
+        if lock._handle is not None:
+            with contextlib.suppress(OSError):
+                lock._handle.close()
+            lock._handle = None
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class FolderLock:
     """An exclusive lock on a folder, held for the life of a process.
 
     Uses ``fcntl.flock`` where available (released by the OS when the process dies, so a lock
-    left by a killed run never blocks ``--resume``); elsewhere a PID file checked with psutil.
+    left by a killed run never blocks ``--resume``; forked children drop their copy); elsewhere
+    a PID file checked with psutil.
     """
 
     def __init__(self, folder: str | os.PathLike, name: str = ".masksam.lock") -> None:
@@ -194,9 +364,11 @@ class FolderLock:
         handle.write(str(os.getpid()))
         handle.flush()
         self._handle = handle
+        _HELD_LOCKS.add(self)
         return self
 
     def release(self) -> None:
+        _HELD_LOCKS.discard(self)
         if self._handle is not None:
             self._handle.close()
             self._handle = None

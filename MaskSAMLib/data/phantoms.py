@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import MaskSAMError
-from ..files import atomic_directory
+from ..files import atomic_directory, write_image
 
 PHANTOM_LABELS: dict[str, int] = {
     "background": 0,
@@ -403,8 +403,8 @@ def make_phantoms(
                 direction=None if vary_orientation else np.eye(3).flatten(),
             )
             case_id = f"{CASE_PREFIX}_{index:03d}"
-            sitk.WriteImage(image, str(tmp / "imagesTr" / f"{case_id}_0000{FILE_ENDING}"), True)
-            sitk.WriteImage(label, str(tmp / "labelsTr" / f"{case_id}{FILE_ENDING}"), True)
+            write_image(image, tmp / "imagesTr" / f"{case_id}_0000{FILE_ENDING}")
+            write_image(label, tmp / "labelsTr" / f"{case_id}{FILE_ENDING}")
             if on_case is not None:
                 on_case(index + 1, cases)
         dataset = {

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import MaskSAMError
-from ..files import atomic_path
+from ..files import atomic_path, write_image
 from .geometry import Geometry
 
 #: Label map outputs chosen by extension (``.seg.nrrd`` adds Slicer's segment metadata).
@@ -110,21 +109,28 @@ def normalize_labels(labels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         try:
             value = int(entry["value"])
             name = str(entry["name"]).strip()
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise MaskSAMError(
                 f"Label entry {index} ({entry!r}) needs an integer 'value' and a 'name'."
             ) from exc
         if value == 0:
             continue
-        if not 0 < value < 65536 or value in seen or not name or "\n" in name:
+        control = any(ord(ch) < 32 or ord(ch) == 127 for ch in name)  # would break the header
+        if not 0 < value < 65536 or value in seen or not name or control:
             raise MaskSAMError(
                 f"Label entry {index} ({entry!r}): values must be unique integers 1-65535 and "
                 "names non-empty single-line text."
             )
         seen.add(value)
         color = entry.get("color") or _PALETTE[(value - 1) % len(_PALETTE)]
-        if len(color) != 3 or not all(0 <= int(c) <= 255 for c in color):
-            raise MaskSAMError(f"Label '{name}': color must be three integers 0-255, got {color}.")
+        try:
+            color = [int(c) for c in color] if not isinstance(color, (str, bytes)) else []
+        except (TypeError, ValueError, OverflowError):
+            color = []
+        if len(color) != 3 or not all(0 <= c <= 255 for c in color):
+            raise MaskSAMError(
+                f"Label '{name}': color must be three integers 0-255, got {entry.get('color')!r}."
+            )
         terminology = entry.get("terminology") or None
         if terminology is not None:
             _check_terminology(name, str(terminology))
@@ -132,7 +138,7 @@ def normalize_labels(labels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "value": value,
                 "name": name,
-                "color": [int(c) for c in color],
+                "color": color,
                 "terminology": terminology,
             }
         )
@@ -242,7 +248,7 @@ def write_label_map(
     elif labels is not None:
         normalize_labels(labels)  # same validation whatever the format
     with atomic_path(path, overwrite=overwrite) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=ext != ".nii")
+        write_image(image, tmp, compress=ext != ".nii")
     return path
 
 
@@ -259,5 +265,5 @@ def write_volume(
     _require_parent(path)
     image = geometry.to_sitk(np.asarray(array))
     with atomic_path(path, overwrite=overwrite) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=ext != ".nii")
+        write_image(image, tmp, compress=ext != ".nii")
     return path

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import MaskSAMError
-from ..files import atomic_directory, sha256_file
+from ..files import atomic_directory, sha256_file, write_safetensors
 from .masksam import SAM_PARTS, MaskSAM, is_trainable_name
 from .sam_import import sam_modeling
 from .sam_vit import SamViTEncoder
@@ -171,13 +171,11 @@ def apply_backbone_weights(model: MaskSAM, state: dict[str, torch.Tensor], sourc
 
 def save_model_dir(model: MaskSAM, out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` atomically into a new folder ``out_dir``."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_directory(out_dir) as tmp:
         model.config.save(tmp / CONFIG_NAME)
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     return out_dir
 
 

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from ..errors import MaskSAMError
-from ..files import atomic_path
+from ..files import atomic_path, fault_point, write_torch
 
-# Test hook: called with a stage name while a checkpoint is written ("before_rename").
+# Test hook: called with a stage name while a checkpoint is written ("before_rename"). In a
+# child process, MASKSAM_FAULT="checkpoint:before_rename:N" SIGKILLs it at the N-th write
+# (files.fault_point; inert when unset).
 WRITE_HOOK = None
 
 
@@ -55,9 +57,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically (temp file with the real extension last, then rename)."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        write_torch(payload, tmp)
         if WRITE_HOOK is not None:
             WRITE_HOOK("before_rename")
+        fault_point("checkpoint:before_rename", path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ..data.planning import plan_preprocessing
 from ..data.preprocessing import PreprocessConfig
 from ..devices import device_info, half_dtype, resolve_device
 from ..errors import MaskSAMError
-from ..files import FolderLock, atomic_path
+from ..files import FolderLock, atomic_path, write_safetensors
 from ..modeling.build import CONFIG_NAME, build_masksam, create_model, load_model_dir
 from ..modeling.masksam import MaskSAM
 from ..progress import Progress
@@ -106,14 +106,26 @@ def extend_classes(model: MaskSAM, labels: list[LabelSpec]) -> list[str]:
     return [lab.name for lab in added]
 
 
+def _restartable(out: Path) -> bool:
+    """A run killed before its first checkpoint: its starting weights and config are there, so
+    ``--resume`` restarts it from iteration 0 (each step is seeded by its iteration: exact)."""
+    return (out / "training" / "base.safetensors").is_file() and (out / CONFIG_NAME).is_file()
+
+
+def _only_leftovers(out: Path) -> bool:
+    """``out`` holds nothing but a lock file and empty folders (a run killed while starting)."""
+    return all(p.name == ".masksam.lock" or (p.is_dir() and not any(p.rglob("*")))
+               for p in out.iterdir())
+
+
 def _check_out(request: TrainRequest) -> None:
     out = request.out
     if request.resume:
-        if not (out / "training" / "checkpoint.pt").is_file():
+        if not (out / "training" / "checkpoint.pt").is_file() and not _restartable(out):
             raise MaskSAMError(f"{out} has no training checkpoint to resume; start without "
                                "--resume.")
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _only_leftovers(out))):
         hint = (" It holds a training run: pass --resume to continue it."
                 if (out / "training" / "checkpoint.pt").exists() else "")
         raise MaskSAMError(f"{out} already exists and is not empty; choose a new --out.{hint}")
@@ -206,7 +218,7 @@ def _model_for(
     request: TrainRequest, spec: DatasetSpec, labels: list[LabelSpec], progress: Progress
 ) -> tuple[MaskSAM, dict | None]:
     """The model to train, and the resume state (None for a fresh run)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out = request.out
     base = out / "training" / "base.safetensors"
@@ -216,7 +228,11 @@ def _model_for(
         if not base.is_file():
             raise MaskSAMError(f"{base} is missing; the run cannot be resumed. Start a new one.")
         model.load_state_dict(load_file(str(base)), strict=True)
-        return model, load_checkpoint(out / "training" / "checkpoint.pt")
+        checkpoint = out / "training" / "checkpoint.pt"
+        if not checkpoint.is_file():
+            progress.log("No checkpoint yet: the run restarts from iteration 0.")
+            return model, None
+        return model, load_checkpoint(checkpoint)
 
     if request.init is not None:
         model = load_model_dir(request.init)
@@ -245,6 +261,6 @@ def _model_for(
         (out / "training").mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         with atomic_path(base) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
+            write_safetensors(state, tmp, metadata={"format": "pt"})
         _write_config(model.config, out)
     return model, None

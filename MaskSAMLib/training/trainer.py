@@ -28,7 +28,7 @@ from torch import nn
 from ..data.loader import AugmentConfig, Case, PatchSampler, batch_loader
 from ..errors import Interrupted, MaskSAMError
 from ..evaluation import dice_score
-from ..files import atomic_path
+from ..files import atomic_path, write_safetensors
 from ..inference.sliding_window import sliding_window_labels
 from ..modeling.masksam import MaskSAM
 from ..progress import Progress
@@ -193,10 +193,8 @@ class Trainer:
         """Full model weights (safetensors) under ``out_dir/name``, atomically."""
         if self.rank != 0:
             return
-        from safetensors.torch import save_file
-
         with atomic_path(self.out_dir / name) as tmp:
-            save_file(_state_to_cpu(self.model), str(tmp), metadata={"format": "pt"})
+            write_safetensors(_state_to_cpu(self.model), tmp, metadata={"format": "pt"})
 
     # ------------------------------------------------------------------ stopping
     def request_stop(self, reason: str) -> None:
@@ -292,6 +290,11 @@ class Trainer:
         total = opts.iterations
         start = self.iteration
         if start >= total:
+            # A run killed after its last checkpoint but before its final weights were written
+            # resumes here: write them (from the checkpoint's exact state) before returning.
+            self.save_weights("model_last.safetensors")
+            if not self.val_cases or self.best["iteration"] < 0:
+                self.save_weights("model.safetensors")
             return {"iterations": start, "best": self.best, "stopped": False}
         if self.rank == 0:
             self.train_dir.mkdir(parents=True, exist_ok=True)
