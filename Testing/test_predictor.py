@@ -271,8 +271,8 @@ def test_memory_estimate_scales_with_the_volume_and_refuses_beyond_budget():
     small = Geometry((64, 64, 32), (1.0, 1.5, 2.5), (0, 0, 0), np.eye(3).reshape(-1))
     large = Geometry((512, 512, 300), (1.0, 1.5, 2.5), (0, 0, 0), np.eye(3).reshape(-1))
     a, b = predictor.estimate_memory(small), predictor.estimate_memory(large)
-    assert b.peak_bytes > 50 * a.peak_bytes / 10
-    assert b.peak_bytes > 512 * 512 * 300 * 4  # at least one float32 copy of the volume
+    # Preprocessing holds several float32 copies of the volume at once: they must be counted.
+    assert b.peak_bytes - a.peak_bytes > 3 * 4 * 512 * 512 * 300
     predictor.check_memory(large, "big.nii.gz", budget_bytes=b.peak_bytes)
     with pytest.raises(MaskSAMError, match=r"big\.nii\.gz needs about .* GB"):
         predictor.check_memory(large, "big.nii.gz", budget_bytes=b.peak_bytes - 1)

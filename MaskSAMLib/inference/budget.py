@@ -10,7 +10,9 @@ The estimate adds what is alive at the peak of each stage and keeps the largest:
   queries), the class scores of the slices still open (``T`` + 1 slices of ``K`` float32 maps)
   and the uint8/uint16 label map on the preprocessed grid;
 * restoring: the label-safe resampling back to the input grid (float32 memberships over the
-  cropped grid) and the label map in the input grid.
+  cropped grid) and the label map in the input grid;
+
+plus the Python/torch runtime itself (about 0.5 GB resident before any data).
 
 It is deliberately generous (about 1.3x the measured peaks): refusing a volume that would
 have fitted costs a rerun with ``--memory-budget``, running out of memory half-way costs more.
@@ -33,6 +35,7 @@ from ..errors import MaskSAMError
 
 GB = 1024**3
 SAFETY = 1.3
+RUNTIME_BYTES = 500 * 2**20
 
 # Peak activation bytes of one forward per slice of a window, at the reference input size and
 # 16 queries (CPU, fp32, decoder chunk 8; measured with benchmarks/bench_segment.py).
@@ -128,9 +131,9 @@ def estimate_prediction_memory(
     restoring = inputs + vr * label_bytes + v * (2 * 4 + 3 * label_bytes)
     stages = {"reading": reading, "preprocessing": preprocess, "inference": inference,
               "restoring": restoring}
+    stages = {key: int((val + RUNTIME_BYTES) * SAFETY) for key, val in stages.items()}
     stage = max(stages, key=stages.__getitem__)
-    peak = int(stages[stage] * SAFETY)
-    return MemoryEstimate(peak, stage, {key: int(val * SAFETY) for key, val in stages.items()})
+    return MemoryEstimate(stages[stage], stage, stages)
 
 
 def _parameter_bytes(config: ModelConfig) -> int:
