@@ -115,7 +115,7 @@ def normalize_labels(labels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             ) from exc
         if value == 0:
             continue
-        control = any(ord(ch) < 32 or ord(ch) == 127 for ch in name)  # would break the header
+        control = not name.isprintable()  # control characters would break the NRRD header
         if not 0 < value < 65536 or value in seen or not name or control:
             raise MaskSAMError(
                 f"Label entry {index} ({entry!r}): values must be unique integers 1-65535 and "
