@@ -191,7 +191,7 @@ def write_image(image, path: str | os.PathLike, *, compress: bool = True) -> Non
         sitk.WriteImage(image, str(path), useCompression=compress)
     except RuntimeError as exc:
         raise _writer_failure(exc) from exc
-    problem = _incomplete_nifti(path) or _differs_on_reading(image, path)
+    problem = incomplete_nifti(path) or _differs_on_reading(image, path)
     if problem:
         raise OSError(errno.EIO, f"{problem}; check the free disk space")
 
@@ -238,8 +238,13 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
         raise _writer_failure(exc) from exc
 
 
-def _incomplete_nifti(path: Path) -> str | None:
-    """Why the NIfTI file at ``path`` is shorter than its header says (None: complete/not NIfTI)."""
+def incomplete_nifti(path: Path, *, size_only: bool = False) -> str | None:
+    """Why the NIfTI file at ``path`` is shorter than its header says (None: complete/not NIfTI).
+
+    ITK reads a truncated NIfTI without an error (the missing voxels become 0) and writes one
+    without an error when the disk is full. ``size_only``: for ``.nii`` compare with the file
+    size instead of reading it (``.nii.gz`` is then not checked).
+    """
     import gzip
     import struct
     import zlib
@@ -247,7 +252,10 @@ def _incomplete_nifti(path: Path) -> str | None:
     lower = path.name.lower()
     if not (lower.endswith(".nii") or lower.endswith(".nii.gz")):
         return None
-    opener = gzip.open if lower.endswith(".gz") else open
+    compressed = lower.endswith(".gz")
+    if size_only and compressed:
+        return None
+    opener = gzip.open if compressed else open
     try:
         with opener(path, "rb") as handle:
             header = handle.read(352)
@@ -261,13 +269,16 @@ def _incomplete_nifti(path: Path) -> str | None:
             for d in dims[1 : 1 + max(0, min(dims[0], 7))]:
                 voxels *= max(int(d), 1)
             expected = vox_offset + voxels * max(bitpix, 8) // 8
-            length = len(header)
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                length += len(block)
+            if not compressed:
+                length = os.fstat(handle.fileno()).st_size
+            else:
+                length = len(header)
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    length += len(block)
     except (OSError, EOFError, zlib.error, struct.error) as exc:
         return f"the file cannot be read back ({exc})"
     if length < expected:
-        return f"only {length} of {expected} bytes were written"
+        return f"the file holds {length} of the {expected} bytes its header describes"
     return None
 
 

@@ -200,9 +200,9 @@ def _complete(path: Path, reference: Path) -> None:
     out = sitk.ReadImage(str(path))
     ref = sitk.ReadImage(str(reference))
     assert out.GetSize() == ref.GetSize()
-    from MaskSAMLib.files import _incomplete_nifti
+    from MaskSAMLib.files import incomplete_nifti
 
-    assert _incomplete_nifti(path) is None
+    assert incomplete_nifti(path) is None
 
 
 @pytest.mark.parametrize("fmt", ["nii.gz", "seg.nrrd"])

@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from MaskSAMLib.data.io import list_dicom_series, read_any, read_image_info, rea
 from MaskSAMLib.data.phantoms import make_phantoms
 from MaskSAMLib.data.writers import write_label_map
 from MaskSAMLib.errors import MaskSAMError
+from MaskSAMLib.files import incomplete_nifti
 from MaskSAMLib.labels import parse_labels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +77,24 @@ def _check_read(path: Path) -> None:
     except MaskSAMError:
         return
     assert volume.array.shape == tuple(reversed(volume.geometry.size))
+    assert incomplete_nifti(path) is None  # never a truncated NIfTI read as zeros
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("damage", ["cut", "huge"])
+def test_truncated_or_oversized_nifti_is_refused(tmp_path, ext, damage):
+    """ITK reads a truncated NIfTI without an error (the rest becomes 0); a header claiming
+    1200^3 voxels in a tiny file is refused from the header, before 3.4 GB are allocated."""
+    raw = bytearray(_valid_image_bytes(tmp_path, ".nii"))
+    if damage == "cut":
+        raw = raw[:-50]
+    else:
+        raw = raw[:352]
+        raw[40:56] = struct.pack("<8h", 3, 1200, 1200, 1200, 1, 1, 1, 1)
+    path = tmp_path / f"bad{ext}"
+    path.write_bytes(gzip.compress(bytes(raw)) if ext == ".nii.gz" else bytes(raw))
+    with pytest.raises(MaskSAMError, match="truncated or corrupt"):
+        read_volume(path)  # default limits
 
 
 @FUZZ

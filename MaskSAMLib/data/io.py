@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import MaskSAMError
+from ..files import incomplete_nifti
 from .geometry import Geometry, Volume
 from .writers import LABEL_EXTENSIONS, write_label_map, write_volume
 
@@ -154,6 +155,9 @@ def read_image_info(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VO
         max_voxels,
         is_dicom,
     )
+    problem = incomplete_nifti(info.path, size_only=True)  # before allocating the pixels
+    if problem:
+        raise MaskSAMError(f"{info.path} is truncated or corrupt ({problem}); export it again.")
     return info
 
 
@@ -180,6 +184,12 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
     (ITK's NIfTI reader already replaces non-finite voxels by 0; NRRD/MHA/DICOM keep them.)
     """
     info = read_image_info(path, max_voxels=max_voxels)
+    if info.path.name.lower().endswith(".nii.gz"):
+        problem = incomplete_nifti(info.path)  # ITK would fill the missing voxels with 0
+        if problem:
+            raise MaskSAMError(
+                f"{info.path} is truncated or corrupt ({problem}); export it again."
+            )
     try:
         image = sitk.ReadImage(str(info.path))
     except RuntimeError as exc:
