@@ -20,6 +20,7 @@ from MaskSAMLib.training.trainer import TrainOptions
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~2-7 minutes on 2 cores, depending on load
 def test_tiny_backbone_learns_on_phantoms(tmp_path):
     dataset = make_phantoms(tmp_path / "phantoms", cases=5, seed=0)
     out = tmp_path / "model"
