@@ -35,8 +35,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import MaskSAMError
-from .labels import parse_labels
 from .files import atomic_write_text
+from .labels import parse_labels
 
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_VOXELS = 2_000_000_000  # refuse headers claiming more voxels than this before reading pixels
