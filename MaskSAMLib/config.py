@@ -123,7 +123,9 @@ class ModelConfig:
         """Raise MaskSAMError for an inconsistent configuration."""
         b = self.backbone
         if b.name not in BACKBONES:
-            raise MaskSAMError(f"Unknown backbone {b.name!r}; choose one of {', '.join(BACKBONES)}.")
+            raise MaskSAMError(
+                f"Unknown backbone {b.name!r}; choose one of {', '.join(BACKBONES)}."
+            )
         if not self.labels or self.labels[0].value != 0:
             raise MaskSAMError("The label list must start with background (value 0).")
         values = [lab.value for lab in self.labels]
@@ -171,7 +173,8 @@ class ModelConfig:
             name = backbone_data.get("name")
             if name not in BACKBONES:
                 raise MaskSAMError(
-                    f"config.json asks for unknown backbone {name!r}; known: {', '.join(BACKBONES)}."
+                    f"config.json asks for unknown backbone {name!r}; known: "
+                    f"{', '.join(BACKBONES)}."
                 )
             backbone = BackboneConfig(**backbone_data)
             labels = [LabelSpec(**lab) for lab in data["labels"]]
@@ -199,7 +202,9 @@ class ModelConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise MaskSAMError(f"{path} is not valid JSON ({exc.msg}); re-create the model.") from exc
+            raise MaskSAMError(
+                f"{path} is not valid JSON ({exc.msg}); re-create the model."
+            ) from exc
         return cls.from_dict(data)
 
 
@@ -261,7 +266,7 @@ def make_labels(names: list[str], values: list[int] | None = None) -> list[Label
     if len(values) != len(names):
         raise MaskSAMError("make_labels needs one value per name.")
     labels = []
-    for value, name in zip(values, names):
+    for value, name in zip(values, names, strict=True):
         if value == 0:
             color = [0, 0, 0]
         else:

@@ -138,7 +138,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             raise MaskSAMError(f"{target} exists and is not a folder; choose another output path.")
         if any(target.iterdir()):
             raise MaskSAMError(
-                f"{target} already exists and is not empty; choose a new output folder or remove it."
+                f"{target} already exists and is not empty; choose a new output folder or "
+                "remove it."
             )
     parent = target.parent
     try:

@@ -136,7 +136,7 @@ def main() -> int:
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(exist_ok=True)
     (out_dir / f"train_{args.experiment}.json").write_text(json.dumps(result, indent=2))
-    print(f"| iteration | mean Dice | per class |\n|---|---|---|")
+    print("| iteration | mean Dice | per class |\n|---|---|---|")
     for v in result["validations"]:
         per = ", ".join(f"{k} {d:.3f}" for k, d in v["dice"].items())
         print(f"| {v['iteration']} | {v['mean_dice']:.3f} | {per} |")

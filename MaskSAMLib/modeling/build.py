@@ -28,7 +28,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _sam_prompt_parts(config: ModelConfig, geometry: int, patch: int) -> tuple[nn.Module, nn.Module]:
+def _sam_prompt_parts(
+    config: ModelConfig, geometry: int, patch: int
+) -> tuple[nn.Module, nn.Module]:
     m = sam_modeling()
     b = config.backbone
     dim = b.prompt_embed_dim
@@ -194,7 +196,9 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") ->
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise MaskSAMError(f"{weights} is truncated or corrupt ({exc}); re-create the model.") from exc
+        raise MaskSAMError(
+            f"{weights} is truncated or corrupt ({exc}); re-create the model."
+        ) from exc
     model = build_masksam(config)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

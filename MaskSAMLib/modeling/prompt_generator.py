@@ -79,7 +79,8 @@ class PromptGenerator(nn.Module):
             _stage_of(r, len(deepest_first), self.num_stages) for r in range(len(deepest_first))
         ]
         self.feature_proj = nn.ModuleList(
-            nn.Conv2d(c, stage_channels[s], 1) for c, s in zip(deepest_first, self.feature_stage)
+            nn.Conv2d(c, stage_channels[s], 1)
+            for c, s in zip(deepest_first, self.feature_stage, strict=True)
         )
         self.up = nn.ModuleList(
             nn.ConvTranspose3d(stage_channels[s - 1], stage_channels[s], (1, 2, 2), (1, 2, 2))
@@ -123,7 +124,9 @@ class PromptGenerator(nn.Module):
                 x = self.up[s - 1](x)
             size = (h * 2**s, w * 2**s)
             parts = [x]
-            for proj, fs, feat in zip(self.feature_proj, self.feature_stage, deepest_first):
+            for proj, fs, feat in zip(
+                self.feature_proj, self.feature_stage, deepest_first, strict=True
+            ):
                 if fs != s:
                     continue
                 f = proj(feat)

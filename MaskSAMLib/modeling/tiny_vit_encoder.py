@@ -30,7 +30,7 @@ class TinyViTEncoder(nn.Module):
         self.out_stride = vit.img_size // vit.embedding_size
         self.feature_channels = [
             layer.downsample.conv3.c.out_channels if layer.downsample is not None else dim
-            for layer, dim in zip(self.layers, vit.embed_dims)
+            for layer, dim in zip(self.layers, vit.embed_dims, strict=True)
         ]
         self.depth_embed = nn.Parameter(torch.zeros(1, num_slices, vit.embed_dims[0], 1, 1))
         for module in self.layers.modules():
