@@ -14,7 +14,7 @@ The estimate adds what is alive at the peak of each stage and keeps the largest:
 
 plus the Python/torch runtime itself (about 0.5 GB resident before any data).
 
-It is deliberately generous (about 1.3x the measured peaks): refusing a volume that would
+It is deliberately generous (1.4x the sum): refusing a volume that would
 have fitted costs a rerun with ``--memory-budget``, running out of memory half-way costs more.
 """
 
@@ -34,7 +34,7 @@ from ..data.resampling import resampled_shape
 from ..errors import MaskSAMError
 
 GB = 1024**3
-SAFETY = 1.3
+SAFETY = 1.4
 RUNTIME_BYTES = 500 * 2**20
 
 # Peak activation bytes of one forward per slice of a window, at the reference input size and
