@@ -58,10 +58,12 @@ def default_backbone(name: str) -> BackboneConfig:
         return BackboneConfig(name=name)
     if name == "vit_l":
         idx = [5, 11, 17, 23]
-        return BackboneConfig(name, 1024, 24, 16, idx, list(idx))
+        return BackboneConfig(name=name, embed_dim=1024, depth=24, num_heads=16,
+                              global_attn_indexes=idx, feature_indexes=list(idx))
     if name == "vit_h":
         idx = [7, 15, 23, 31]
-        return BackboneConfig(name, 1280, 32, 16, idx, list(idx))
+        return BackboneConfig(name=name, embed_dim=1280, depth=32, num_heads=16,
+                              global_attn_indexes=idx, feature_indexes=list(idx))
     if name == "tiny":
         # A small random SAM-shaped model for tests and CPU demos: windowed and global
         # attention, rel-pos tables, a real prompt encoder and two-way decoder. 8-pixel patches
