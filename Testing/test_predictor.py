@@ -72,6 +72,9 @@ class _StandIn(nn.Module):
 
 
 class _RampNet(_StandIn):
+    """Class = the axis along which intensity rises (forward differences inside the window), so
+    a window's last slice has no 'next' slice: predict with :data:`EVERY_SLICE_CENTRED`."""
+
     def classes(self, v: torch.Tensor) -> torch.Tensor:
         diffs = torch.stack([
             torch.diff(v, dim=d, append=v.narrow(d, v.shape[d] - 1, 1)) for d in (3, 2, 1)
@@ -92,6 +95,12 @@ def _config(target=tuple(S_PHYS), order=3, names=("x_axis", "y_axis", "z_axis"),
                            ct_stats=[stats] + [None] * (channels - 1), order=order)
     return make_model_config(backbone="tiny", labels=make_labels(["background", *names]),
                              img_size=32, in_channels=channels, preprocessing=pre.to_dict())
+
+
+# T=3 windows one slice apart: every slice is some window's middle slice, where the ramp rule
+# sees both neighbours (the default step 0.5 advances 1.5 slices and leaves some slices at
+# window edges only, which this stand-in cannot classify; the real network has learned edges).
+EVERY_SLICE_CENTRED = PredictOptions(step=1 / 3)
 
 
 def _predictor(net=_RampNet, **kwargs) -> Predictor:
@@ -144,7 +153,7 @@ def _case(direction: np.ndarray, ramp: bool, spacing=S_PHYS, counts=N_PHYS, rota
 def test_label_map_lands_on_the_reference_in_all_48_orientations(index):
     direction = _orientations()[index]
     image, expected = _case(direction, ramp=True)
-    prediction = _predictor().predict(image)
+    prediction = _predictor().predict(image, options=EVERY_SLICE_CENTRED)
     assert prediction.geometry == Geometry.from_sitk(image)
     assert prediction.labels.dtype == np.uint8
     assert prediction.labels.shape == expected.shape
@@ -162,7 +171,7 @@ def test_oblique_direction_is_kept_and_labels_land_voxel_for_voxel():
     base = _orientations()[13]
     image, expected = _case(base, ramp=True, rotate=rotation)
     assert not np.allclose(np.abs(np.asarray(image.GetDirection())) % 1, 0)  # truly oblique
-    prediction = _predictor().predict(image)
+    prediction = _predictor().predict(image, options=EVERY_SLICE_CENTRED)
     out = prediction.to_sitk()
     assert out.GetDirection() == image.GetDirection()
     assert out.GetOrigin() == image.GetOrigin() and out.GetSpacing() == image.GetSpacing()
@@ -197,8 +206,8 @@ def test_array_input_with_geometry_and_volume_input_agree():
     geometry = Geometry.from_sitk(image)
     array = sitk.GetArrayFromImage(image)
     predictor = _predictor()
-    from_array = predictor.predict(array, geometry=geometry)
-    from_volume = predictor.predict(Volume(array, geometry))
+    from_array = predictor.predict(array, geometry=geometry, options=EVERY_SLICE_CENTRED)
+    from_volume = predictor.predict(Volume(array, geometry), options=EVERY_SLICE_CENTRED)
     np.testing.assert_array_equal(from_array.labels, expected)
     np.testing.assert_array_equal(from_volume.labels, expected)
     with pytest.raises(MaskSAMError, match="without a geometry"):
@@ -308,3 +317,28 @@ def test_real_trained_tiny_model_end_to_end(trained_tiny_model_dir):
     total_ml = sum(v["volume_ml"] for v in volumes)
     voxel_ml = np.prod(image.GetSpacing()) / 1000
     assert total_ml == pytest.approx(np.count_nonzero(prediction.labels) * voxel_ml, rel=1e-3)
+
+
+@pytest.mark.parametrize("window,step", [(1, 0.5), (3, 0.5), (3, 1.0), (5, 0.3), (64, 0.5)])
+def test_windows_cover_every_slice_and_keep_the_requested_stride(window, step):
+    import math
+
+    from MaskSAMLib.inference.sliding_window import window_starts
+
+    for length in range(1, 160):
+        starts = window_starts(length, window, step)
+        covered = set()
+        for s in starts:
+            covered |= set(range(s, min(s + window, length)))
+        assert covered == set(range(length)), (length, starts)
+        assert starts[0] == 0 and starts[-1] == max(length - window, 0)
+        widest = math.ceil(max(window * step, 1))
+        assert all(0 < b - a <= widest for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_three_slice_windows_at_half_overlap_advance_one_and_a_half_slices():
+    from MaskSAMLib.inference.sliding_window import window_starts
+
+    # 1.5 slices on average (not rounded down to 1): a third fewer network passes
+    assert len(window_starts(51, 3, 0.5)) == 33
+    assert len(window_starts(300, 3, 0.5)) == 199

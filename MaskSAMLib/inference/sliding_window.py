@@ -23,13 +23,17 @@ from ..modeling.semantic import semantic_probabilities
 
 
 def window_starts(length: int, window: int, step: float) -> list[int]:
-    """Start positions covering ``length`` with windows of ``window`` at ``step`` overlap."""
+    """Start positions covering ``length`` with windows of ``window`` at ``step`` overlap.
+
+    nnU-Net's rule: as few windows as keep neighbours at most ``window * step`` apart, spread
+    evenly from 0 to ``length - window``. The target stride is not rounded down first, so
+    T=3 slices at step 0.5 advance 1 or 2 slices alternately (1.5 on average), not 1.
+    """
     if length <= window:
         return [0]
-    stride = max(1, int(window * step))
-    count = math.ceil((length - window) / stride) + 1
     last = length - window
-    return sorted({min(i * stride, last) for i in range(count)} | {last})
+    count = math.ceil(last / max(window * step, 1.0)) + 1
+    return sorted({round(i * last / (count - 1)) for i in range(count)})
 
 
 def gaussian_weights(t: int, size: int, sigma_scale: float = 0.125) -> torch.Tensor:
