@@ -207,6 +207,7 @@ def train_entry(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, split_file=Path(args.split) if args.split else None,
         img_size=args.img_size, num_slices=args.slices, num_queries=args.queries,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        target_spacing=tuple(args.spacing) if args.spacing else None,
     )
     options = TrainOptions(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
@@ -242,6 +243,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="target spacing in mm (default: the dataset's median spacing, "
+                        "nnU-Net style); e.g. coarser in-plane so a whole slice fits the "
+                        "backbone's input, as LiteMedSAM was pretrained")
     p.add_argument("--slices", type=int, default=3, help="T (with --backbone)")
     p.add_argument("--queries", type=int, default=0, help="N (with --backbone; default K+2)")
     p.add_argument("--workers", type=int, default=1, help="loader processes")

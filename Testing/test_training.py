@@ -217,6 +217,28 @@ def test_fine_tune_cli_with_new_class(phantoms, tmp_path):
     assert tuned["class_head.weight"].shape[0] == len(names) + 1
 
 
+def test_spacing_override_is_what_the_model_keeps(phantoms, tmp_path):
+    out = tmp_path / "coarse"
+    proc = _run(_train_args(phantoms, out, 2, "--backbone", "tiny", "--spacing", "2", "2.5", "4"),
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pre = json.loads((out / "config.json").read_text())["preprocessing"]
+    assert pre["target_spacing"] == [2.0, 2.5, 4.0]  # segment resamples to this grid
+    proc = _run(_train_args(phantoms, out, 4, "--resume", "--spacing", "1", "1", "1"), tmp_path)
+    assert proc.returncode == 1 and "--spacing cannot change on --resume" in proc.stderr
+
+
+@pytest.mark.parametrize("values", [["0", "1", "1"], ["1", "1", "nan"], ["1", "1", "99"]])
+def test_bad_spacing_is_refused_before_anything_is_written(phantoms, tmp_path, values):
+    out = tmp_path / "never"
+    proc = _run(_train_args(phantoms, out, 2, "--backbone", "tiny", "--spacing", *values),
+                tmp_path)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "--spacing needs three values" in proc.stderr
+    assert not out.exists()
+
+
 def test_two_process_gloo_run(phantoms, tmp_path):
     out = tmp_path / "ddp"
     args = _train_args(phantoms, out, 4, "--backbone", "tiny")[3:]

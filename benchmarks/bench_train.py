@@ -93,6 +93,9 @@ def main() -> int:
     parser.add_argument("--gap", type=int, default=10)
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spacing", type=float, nargs=3, default=None,
+                        help="target spacing X Y Z mm (default: the dataset's median)")
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--work", default=None, help="working folder (default: a temp folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,11 +113,13 @@ def main() -> int:
         backbone, lr, val_fraction = "litemedsam", args.lr or 1e-3, 0.0
     request = TrainRequest(dataset=dataset, out=work / "model", backbone=backbone,
                            val_fraction=val_fraction, split_file=split,
-                           num_slices=args.slices, cache_dir=work / "cache", device="cpu")
+                           num_slices=args.slices, cache_dir=work / "cache", device="cpu",
+                           target_spacing=tuple(args.spacing) if args.spacing else None)
     options = TrainOptions(iterations=args.iterations, batch_size=args.batch_size, lr=lr,
                            val_every=args.val_every or max(args.iterations // 5, 1),
                            checkpoint_every=max(args.iterations // 5, 1),
-                           num_points=2048 if backbone == "tiny" else 4096, workers=1)
+                           num_points=2048 if backbone == "tiny" else 4096,
+                           workers=args.workers)
     start = time.monotonic()
     summary = train(request, options, Progress("tqdm" if sys.stderr.isatty() else "none"))
     seconds = time.monotonic() - start
@@ -125,6 +130,7 @@ def main() -> int:
     result = {
         "experiment": args.experiment, "backbone": backbone, "iterations": args.iterations,
         "batch_size": args.batch_size, "lr": lr, "slices": args.slices,
+        "spacing": args.spacing,
         "wall_s": round(seconds, 1), "s_per_iteration": round(seconds / args.iterations, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "validations": [{"iteration": r["iteration"], **r["validation"]} for r in validations],

@@ -10,6 +10,7 @@ distributed (NCCL on CUDA, gloo on CPU) and only rank 0 writes.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class TrainRequest:
     num_slices: int = 3
     num_queries: int = 0
     cache_dir: Path | None = None
+    target_spacing: tuple[float, float, float] | None = None  # (x, y, z) mm; None: planned
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -133,6 +135,27 @@ def _check_out(request: TrainRequest) -> None:
         raise MaskSAMError("Pass exactly one starting point: --backbone NAME or --init MODEL_DIR.")
 
 
+def check_spacing(spacing: object) -> tuple[float, float, float]:
+    """``--spacing X Y Z``: three finite millimetre values in [0.05, 50]."""
+    try:
+        values = tuple(float(v) for v in spacing)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and 0.05 <= v <= 50.0 for v in values):
+        raise MaskSAMError(f"--spacing needs three values X Y Z in mm from 0.05 to 50, got "
+                           f"{spacing!r}; e.g. --spacing 1.5 1.5 3.")
+    return values  # type: ignore[return-value]
+
+
+def _apply_spacing(pre: dict, request: TrainRequest, progress: Progress) -> dict:
+    if request.target_spacing is None:
+        return pre
+    planned = pre.get("target_spacing")
+    pre = {**pre, "target_spacing": list(check_spacing(request.target_spacing))}
+    progress.log(f"Target spacing {pre['target_spacing']} mm (--spacing; planned {planned}).")
+    return pre
+
+
 def _write_config(config: ModelConfig, out: Path) -> None:
     config.save(out / CONFIG_NAME)
 
@@ -141,6 +164,11 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
     """Validate, set up and run one training; returns the trainer's summary."""
     rank, world, local = _distributed()
     options.validate()
+    if request.target_spacing is not None:
+        if request.resume:
+            raise MaskSAMError("--spacing cannot change on --resume: the run keeps the spacing "
+                               "it started with; leave --spacing out.")
+        request.target_spacing = check_spacing(request.target_spacing)
     _check_out(request)
     device = resolve_device(request.device)
     if world > 1:
@@ -242,10 +270,10 @@ def _model_for(
         pre = model.config.preprocessing
         if "target_spacing" not in pre:
             pre = plan_preprocessing(spec).to_dict()
-        model.config.preprocessing = pre
+        model.config.preprocessing = _apply_spacing(pre, request, progress)
         model.config.provenance["init_model"] = str(request.init)
     else:
-        pre = plan_preprocessing(spec).to_dict()
+        pre = _apply_spacing(plan_preprocessing(spec).to_dict(), request, progress)
         model = create_model(
             backbone=request.backbone, labels=labels, sam_checkpoint=request.sam_checkpoint,
             img_size=request.img_size, num_slices=request.num_slices,
