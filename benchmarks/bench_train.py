@@ -3,15 +3,17 @@
 phantoms: make a phantom dataset, train, and score whole-volume predictions of held-out cases
 (per-class Dice on the preprocessed grid, the same sliding window as inference).
 
-totalseg: split ../shared/data/totalseg_examples/ct_abdomen_3mm.nii.gz into axial slabs:
-the lower slab trains, the upper one is held out, with a gap of --gap slices between them
-(neighbouring slices leak), then fine-tune from LiteMedSAM and score the held-out slab.
+totalseg: split ../shared/data/totalseg_examples/ct_abdomen_3mm.nii.gz into axial slabs: a
+held-out slab in the middle of the organs (--heldout), and a training slab below and above it,
+each --gap slices away (neighbouring slices leak); fine-tune from LiteMedSAM and score the
+held-out slab.
 
 Records iterations, wall time, peak RSS and per-class Dice as JSON in benchmarks/out/ and
 prints a markdown table. Examples:
 
     python benchmarks/bench_train.py phantoms --iterations 1500
-    python benchmarks/bench_train.py totalseg --iterations 60
+    python benchmarks/bench_train.py totalseg --iterations 120 --batch-size 1 --lr 2e-3 \
+        --spacing 1.5 1.5 3 --workers 0
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ from MaskSAMLib.training.run import TrainRequest, train  # noqa: E402
 from MaskSAMLib.training.trainer import TrainOptions  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "totalseg_examples"
-ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5,
-          "stomach": 6, "pancreas": 7, "aorta": 52, "inferior_vena_cava": 63}
+# Label values in ct_abdomen_3mm_seg.nii.gz. Gallbladder (slices 84-95) and pancreas (81-99)
+# lie wholly inside the held-out slab and its gaps, so no training slab shows them: they are
+# left out (background) rather than scored on classes the model never saw.
+ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "stomach": 6,
+          "aorta": 52, "inferior_vena_cava": 63}
 
 
 def cpu_name() -> str:
@@ -53,8 +58,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def make_slab_dataset(out: Path, gap: int) -> tuple[Path, Path]:
-    """Two cases of the real CT: lower slab (train) and upper slab (held out), gap between."""
+def make_slab_dataset(out: Path, gap: int, heldout: tuple[int, int], lowest: int
+                      ) -> tuple[Path, Path]:
+    """Axial slabs of the real CT: the held-out slab ``heldout`` (slice range, end exclusive)
+    and two training slabs, below and above it, each ``gap`` slices away from it (the CT's
+    organs span slices 57-111 of 112, so the held-out slab sits in their middle and the
+    training slabs see the organs' lower and upper parts)."""
     image = sitk.ReadImage(str(SHARED / "ct_abdomen_3mm.nii.gz"))
     label = sitk.ReadImage(str(SHARED / "ct_abdomen_3mm_seg.nii.gz"))
     seg = sitk.GetArrayFromImage(label)
@@ -64,8 +73,10 @@ def make_slab_dataset(out: Path, gap: int) -> tuple[Path, Path]:
         remapped[seg == value] = i
         labels[name] = i
     z = seg.shape[0]
-    cut = z // 2
-    slabs = {"train_slab": (0, cut - gap // 2), "heldout_slab": (cut + gap - gap // 2, z)}
+    h0, h1 = heldout
+    slabs = {"train_lower": (lowest, h0 - gap), "heldout": (h0, h1), "train_upper": (h1 + gap, z)}
+    if not (0 <= lowest < h0 - gap and h1 + gap < z):
+        raise SystemExit(f"slabs do not fit the CT's {z} slices: {slabs}")
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
     lab_img = sitk.GetImageFromArray(remapped)
@@ -75,10 +86,11 @@ def make_slab_dataset(out: Path, gap: int) -> tuple[Path, Path]:
         sitk.WriteImage(lab_img[:, :, z0:z1], str(out / "labelsTr" / f"{case}.nii.gz"))
     (out / "dataset.json").write_text(json.dumps({
         "name": "totalseg_ct_slabs", "channel_names": {"0": "CT"}, "labels": labels,
-        "numTraining": 2, "file_ending": ".nii.gz",
+        "numTraining": 3, "file_ending": ".nii.gz",
     }))
     split = out / "split.json"
-    split.write_text(json.dumps({"train": ["train_slab"], "val": ["heldout_slab"]}))
+    split.write_text(json.dumps({"train": ["train_lower", "train_upper"], "val": ["heldout"]}))
+    (out / "slabs.json").write_text(json.dumps(slabs))
     return out, split
 
 
@@ -90,7 +102,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--slices", type=int, default=3)
-    parser.add_argument("--gap", type=int, default=10)
+    parser.add_argument("--gap", type=int, default=6, help="slices between slabs (totalseg)")
+    parser.add_argument("--heldout", type=int, nargs=2, default=(84, 96), metavar=("Z0", "Z1"),
+                        help="held-out slice range, end exclusive (totalseg)")
+    parser.add_argument("--lowest", type=int, default=50,
+                        help="first slice of the lower training slab (totalseg)")
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--spacing", type=float, nargs=3, default=None,
@@ -109,7 +125,8 @@ def main() -> int:
         if not (SHARED / "ct_abdomen_3mm.nii.gz").is_file():
             print(f"shared data not found at {SHARED}", file=sys.stderr)
             return 1
-        dataset, split = make_slab_dataset(work / "slabs", args.gap)
+        dataset, split = make_slab_dataset(work / "slabs", args.gap, tuple(args.heldout),
+                                           args.lowest)
         backbone, lr, val_fraction = "litemedsam", args.lr or 1e-3, 0.0
     request = TrainRequest(dataset=dataset, out=work / "model", backbone=backbone,
                            val_fraction=val_fraction, split_file=split,
@@ -131,6 +148,8 @@ def main() -> int:
         "experiment": args.experiment, "backbone": backbone, "iterations": args.iterations,
         "batch_size": args.batch_size, "lr": lr, "slices": args.slices,
         "spacing": args.spacing,
+        "slabs": (json.loads((work / "slabs" / "slabs.json").read_text())
+                  if args.experiment == "totalseg" else None),
         "wall_s": round(seconds, 1), "s_per_iteration": round(seconds / args.iterations, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "validations": [{"iteration": r["iteration"], **r["validation"]} for r in validations],
