@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import sys
@@ -157,6 +158,7 @@ def main() -> int:
         "device": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(exist_ok=True)
