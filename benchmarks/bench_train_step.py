@@ -10,9 +10,9 @@ queries, the CPU default), SetCriterion, backward, gradient clipping, AdamW.
 
 Variants:
   default   the process as `masksam train` starts it
-  malloc    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736: glibc keeps
-            freed large buffers instead of unmapping them, so the next step does not page-fault
-            them in again (every activation of a LiteMedSAM step is tens to hundreds of MB)
+  malloc    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 (glibc's
+            malloc thresholds raised; the JSON's system CPU share shows how much of a step the
+            kernel spent, e.g. page-faulting freed activation buffers in again)
 
     python benchmarks/bench_train_step.py --backbone litemedsam --steps 4 --threads 2
 """
@@ -30,10 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_train import cpu_name  # noqa: E402
-
 VARIANTS = {
     "default": {},
     "malloc": {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"},
@@ -56,6 +52,7 @@ def worker(args: argparse.Namespace) -> dict:
     from MaskSAMLib.config import make_labels, make_model_config
     from MaskSAMLib.modeling.build import build_masksam
     from MaskSAMLib.training.criterion import SetCriterion
+    from MaskSAMLib.training.trainer import TrainOptions
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,7 +64,9 @@ def worker(args: argparse.Namespace) -> dict:
     size, t, b = model.img_size, model.num_slices, args.batch_size
     criterion = SetCriterion(num_classes=model.num_classes, num_points=args.num_points)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, eps=1e-4)
+    defaults = TrainOptions()
+    optimizer = torch.optim.AdamW(trainable, lr=defaults.lr, eps=defaults.eps,
+                                  weight_decay=defaults.weight_decay)
     image = torch.randn(b, 1, t, size, size, generator=torch.Generator().manual_seed(0))
     label = torch.zeros(b, t, size, size, dtype=torch.long)
     s = size / 256
@@ -90,7 +89,7 @@ def worker(args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(trainable, 12.0)
+        torch.nn.utils.clip_grad_norm_(trainable, defaults.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
@@ -124,6 +123,9 @@ def main() -> int:
     parser.add_argument("--num-points", type=int, default=4096)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; choose from {sorted(VARIANTS)}")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -138,6 +140,9 @@ def main() -> int:
                 "--num-points", str(args.num_points)]
         done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=True)
         results[name] = {"env": VARIANTS[name], **json.loads(done.stdout.strip().splitlines()[-1])}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import cpu_name  # imports torch: only after the children have run
+
     record = {
         "backbone": args.backbone, "batch_size": args.batch_size, "slices": args.slices,
         "num_points": args.num_points, "variants": results,
