@@ -208,6 +208,7 @@ def train_entry(args: argparse.Namespace) -> int:
         img_size=args.img_size, num_slices=args.slices, num_queries=args.queries,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         target_spacing=tuple(args.spacing) if args.spacing else None,
+        recipe=args.recipe,
     )
     options = TrainOptions(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
@@ -256,6 +257,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="preprocessed-case cache (default ~/.cache/masksam)")
+    p.add_argument("--recipe", choices=["paper", "cpu"], default=None,
+                   help="with --backbone: 'paper' (default; depth adapters inside the encoder, "
+                        "the GPU recipe) or 'cpu' (the frozen encoder's output computed once per "
+                        "slice and cached, whole slices fitted to the input, a lighter prompt "
+                        "generator: trains in hours on a few CPU cores)")
     _common(p)
     p.set_defaults(func=train_entry)
 

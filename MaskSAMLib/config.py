@@ -17,6 +17,9 @@ from .errors import MaskSAMError
 
 FORMAT_VERSION = 1
 BACKBONES = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
+#: "adapters": depth adapters and depth embedding inside the frozen encoder (MaskSAM's recipe,
+#: for GPUs); "frozen": the encoder runs unchanged per slice (cacheable; the CPU recipe).
+ENCODER_MODES = ("adapters", "frozen")
 
 
 @dataclass
@@ -104,6 +107,14 @@ class ModelConfig:
     # the random `tiny` backbone has nothing to preserve and trains fully.
     freeze_sam: bool = True
     prompt_generator_channels: list[int] = field(default_factory=lambda: [256, 128, 64])
+    # Where the 3D depth adapters sit (see ENCODER_MODES): "adapters" is the paper's recipe
+    # (inside the frozen encoder); "frozen" runs the encoder unchanged, one slice at a time, so
+    # its output can be computed once per slice and cached (the CPU recipe), and puts one depth
+    # adapter on the encoder's output instead.
+    encoder_mode: str = "adapters"
+    # Kernel of the prompt generator's convolutions along the slices: 3 (3D, the paper) or 1
+    # (per-slice 2D convolutions, 3x cheaper; the depth adapters still mix slices).
+    prompt_generator_depth_kernel: int = 3
     preprocessing: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -146,6 +157,18 @@ class ModelConfig:
             )
         if self.num_slices < 1:
             raise MaskSAMError(f"num_slices must be >= 1, got {self.num_slices}.")
+        if self.encoder_mode not in ENCODER_MODES:
+            raise MaskSAMError(
+                f"encoder_mode {self.encoder_mode!r} is unknown; choose one of "
+                f"{', '.join(ENCODER_MODES)}."
+            )
+        if self.encoder_mode == "frozen" and not self.freeze_sam:
+            raise MaskSAMError("encoder_mode 'frozen' needs freeze_sam: a cached encoder cannot "
+                               "train.")
+        if self.prompt_generator_depth_kernel not in (1, 3):
+            raise MaskSAMError("prompt_generator_depth_kernel must be 1 or 3.")
+        if not 1 <= len(self.prompt_generator_channels) <= 3:
+            raise MaskSAMError("prompt_generator_channels needs 1 to 3 stage widths.")
         if b.name == "litemedsam" and self.img_size != 256:
             raise MaskSAMError("The litemedsam backbone only works at 256x256 input; use 256.")
         if self.img_size % b.patch_size or self.img_size < 4 * b.patch_size:
@@ -210,6 +233,22 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
+#: Named training recipes: the architecture values each sets (recorded in config.json).
+#: "paper": MaskSAM as published (depth adapters inside the frozen encoder, a 3D prompt
+#: generator of three stages); the recipe for GPUs. "cpu": the encoder frozen and unchanged so
+#: that its output is computed once per slice and cached, one depth adapter after it, and a
+#: two-stage prompt generator of per-slice convolutions (about 15x fewer operations); the
+#: recipe that trains in hours on a few CPU cores.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {
+        "encoder_mode": "frozen",
+        "prompt_generator_channels": [128, 64],
+        "prompt_generator_depth_kernel": 1,
+    },
+}
+
+
 def make_model_config(
     *,
     backbone: str,
@@ -220,10 +259,17 @@ def make_model_config(
     in_channels: int = 1,
     preprocessing: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    recipe: str = "paper",
 ) -> ModelConfig:
-    """A ModelConfig with each backbone's defaults (input size, decoder widths)."""
+    """A ModelConfig with each backbone's defaults (input size, decoder widths) and the
+    architecture values of ``recipe`` (see :data:`RECIPES`)."""
+    if recipe not in RECIPES:
+        raise MaskSAMError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
     arch = default_backbone(backbone)
     channels = [64, 32, 16] if backbone == "tiny" else [256, 128, 64]
+    extra = {"prompt_generator_channels": channels, **RECIPES[recipe]}
+    if backbone == "tiny" and recipe == "cpu":
+        extra["prompt_generator_channels"] = [64, 32]
     return ModelConfig(
         backbone=arch,
         labels=labels,
@@ -231,10 +277,10 @@ def make_model_config(
         num_slices=num_slices,
         num_queries=num_queries,
         in_channels=in_channels,
-        prompt_generator_channels=channels,
-        freeze_sam=backbone != "tiny",
+        freeze_sam=backbone != "tiny" or recipe == "cpu",
         preprocessing=dict(preprocessing or {}),
-        provenance=dict(provenance or {}),
+        provenance={**(provenance or {}), "recipe": recipe},
+        **extra,
     )
 
 

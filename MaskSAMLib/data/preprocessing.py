@@ -79,6 +79,11 @@ class PreprocessConfig:
     ``target_spacing`` is ``(x, y, z)`` mm in the canonical frame; ``normalization`` holds one
     scheme per channel (``"CT"`` or ``"zscore"``, derived from ``channel_names`` when empty)
     and ``ct_stats`` one :class:`CTNormStats` per CT channel (None for the others).
+
+    ``fit_size`` (the "fit" plan of the 2D-pretrained backbones): when set, each case's
+    in-plane spacing is chosen so that its (cropped) slice just fits ``fit_size x fit_size``
+    pixels, as those backbones were pretrained (a whole slice in the input); the slice spacing
+    stays ``target_spacing[2]``. ``None`` keeps the fixed ``target_spacing`` (nnU-Net's plan).
     """
 
     target_spacing: tuple[float, float, float]
@@ -89,6 +94,7 @@ class PreprocessConfig:
     order: int = 3
     order_z: int = 0
     anisotropy_threshold: float = ANISOTROPY_THRESHOLD
+    fit_size: int | None = None
 
     def __post_init__(self) -> None:
         self.target_spacing = tuple(float(s) for s in self.target_spacing)  # type: ignore[assignment]
@@ -112,6 +118,24 @@ class PreprocessConfig:
                 raise ValueError(f"channel {name}: CT normalization needs ct_stats")
         if self.order not in range(6) or self.order_z not in (0, 1):
             raise ValueError("order must be 0-5 and order_z 0 or 1")
+        if self.fit_size is not None:
+            self.fit_size = int(self.fit_size)
+            if self.fit_size < 8:
+                raise ValueError(f"fit_size must be at least 8 pixels, got {self.fit_size}")
+
+    def case_spacing(
+        self, spacing: Sequence[float], shape_zyx: Sequence[int]
+    ) -> tuple[float, float, float]:
+        """Target ``(x, y, z)`` spacing of a case of ``shape_zyx`` voxels at ``spacing`` (x, y, z).
+
+        The fixed ``target_spacing``; with ``fit_size``, the in-plane spacing at which the
+        larger in-plane extent spans ``fit_size`` pixels (the slice spacing stays planned).
+        """
+        if self.fit_size is None:
+            return self.target_spacing
+        extent = max(float(spacing[0]) * int(shape_zyx[-1]), float(spacing[1]) * int(shape_zyx[-2]))
+        inplane = extent / self.fit_size * (1 + 1e-9)
+        return (inplane, inplane, self.target_spacing[2])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (the inverse of :meth:`from_dict`)."""
@@ -125,6 +149,7 @@ class PreprocessConfig:
             "order": self.order,
             "order_z": self.order_z,
             "anisotropy_threshold": self.anisotropy_threshold,
+            "fit_size": self.fit_size,
         }
 
     @classmethod
@@ -146,6 +171,7 @@ class PreprocessConfig:
                 order=int(data.get("order", 3)),
                 order_z=int(data.get("order_z", 0)),
                 anisotropy_threshold=float(data.get("anisotropy_threshold", ANISOTROPY_THRESHOLD)),
+                fit_size=data.get("fit_size"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MaskSAMError(
@@ -202,7 +228,7 @@ def preprocess_case(
         ]
     )
     spacing = transform.canonical.spacing
-    shape = resampled_shape(normalized.shape, spacing, config.target_spacing)
+    shape = resampled_shape(normalized.shape, spacing, config.case_spacing(spacing, normalized.shape))
     out = resample_image_to_shape(
         normalized,
         shape,

@@ -111,7 +111,8 @@ def estimate_prediction_memory(
     channels = config.in_channels
     v = geometry.num_voxels
     canonical = canonical_transform(geometry).canonical
-    shape = resampled_shape(canonical.shape, canonical.spacing, preprocessing.target_spacing)
+    target = preprocessing.case_spacing(canonical.spacing, canonical.shape)
+    shape = resampled_shape(canonical.shape, canonical.spacing, target)
     vr = int(np.prod(np.asarray(shape, dtype=np.int64)))
     t, s, k = config.num_slices, config.img_size, config.num_classes
     slice_pixels = max(shape[1], s) * max(shape[2], s)

@@ -7,6 +7,10 @@ Gaussian importance map and accumulated per slice. Windows run in z order, so a 
 as soon as no later window reaches it: it is turned into class indices at once and its scores
 are dropped. Class scores are therefore held for a few slices only, never for the whole
 volume, whatever its size.
+
+A model whose encoder sees each slice alone (``encoder_mode="frozen"``) has each slice (and
+tile, and mirrored copy) encoded once, however many windows hold it: overlapping windows and
+test-time mirroring along the slices reuse the encoder's output instead of recomputing it.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def sliding_window_labels(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
+    encoder_cache: dict | None = None,
 ) -> np.ndarray:
     """Class indices of a preprocessed volume.
 
@@ -94,6 +99,10 @@ def sliding_window_labels(
         should_stop: polled between batches; returning True raises ``InterruptedError``.
         timings: when given, ``"network"`` (model forwards) and ``"stitch"`` (MaskFormer class
             scores, blending, argmax) seconds are added to it (CUDA is synchronised to time).
+        encoder_cache: for a model that caches its encoder, a dict that keeps the encoded
+            slices of this volume beyond the call (e.g. validation during training, which
+            sees the same volume again); by default slices are dropped once no later window
+            needs them.
     Returns:
         ``(Z, Y, X)`` uint8 (uint16 for more than 255 classes) class indices.
     """
@@ -119,6 +128,10 @@ def sliding_window_labels(
     )
 
     clock = _Clock(timings, torch.device(device))
+    encodings = None
+    if getattr(model, "caches_encoder", False):
+        encodings = _SliceEncodings(model, {} if encoder_cache is None else encoder_cache,
+                                    evict=encoder_cache is None)
 
     def finalize(before: int) -> None:
         for zi in sorted(i for i in pending if i < before):
@@ -131,10 +144,13 @@ def sliding_window_labels(
             raise InterruptedError("stopped")
         batch = windows[start:start + batch_windows]
         finalize(batch[0][0])
+        if encodings is not None:
+            encodings.drop_before(batch[0][0])
         crops = torch.stack([image[:, z0:z0 + t, y0:y0 + s, x0:x0 + s] for z0, y0, x0 in batch])
         crops = crops.to(device)
         with autocast:
-            probs = _predict(model, crops, mirror_axes, clock)
+            probs = _predict(model, crops, mirror_axes, clock,
+                             None if encodings is None else encodings.bind(batch))
         probs = probs.float().cpu()  # (B, K, T, S, S)
         for (z0, y0, x0), p in zip(batch, probs, strict=True):
             for dz in range(t):
@@ -170,21 +186,63 @@ class _Clock:
         self.last = now
 
 
+class _SliceEncodings:
+    """Encoder output per (slice, tile, mirroring) of one volume, computed once each."""
+
+    def __init__(self, model: torch.nn.Module, store: dict, *, evict: bool) -> None:
+        self.model, self.store, self.evict = model, store, evict
+        self.windows: list[tuple[int, int, int]] = []
+
+    def drop_before(self, z: int) -> None:
+        if self.evict:
+            for key in [k for k in self.store if k[0] < z]:
+                del self.store[key]
+
+    def bind(self, windows: list[tuple[int, int, int]]) -> _SliceEncodings:
+        self.windows = windows
+        return self
+
+    def __call__(self, crops: torch.Tensor, flips: tuple[int, ...]):
+        """Encoder output of the ``B*T`` slices of ``crops`` (mirrored by ``flips``)."""
+        t = crops.shape[2]
+        keys, missing = [], {}
+        for b, (z0, y0, x0) in enumerate(self.windows):
+            for dz in range(t):
+                zi = z0 + (t - 1 - dz if 2 in flips else dz)
+                key = (zi, y0, x0, 3 in flips, 4 in flips)
+                keys.append(key)
+                if key not in self.store and key not in missing:
+                    missing[key] = crops[b, :, dz]
+        if missing:
+            neck, feats = self.model.encode_slices(torch.stack(list(missing.values())))
+            for i, key in enumerate(missing):
+                self.store[key] = (neck[i], [f[i] for f in feats])
+        entries = [self.store[k] for k in keys]
+        neck = torch.stack([e[0] for e in entries]).to(crops.device)
+        feats = [torch.stack([e[1][j] for e in entries]).to(crops.device)
+                 for j in range(len(entries[0][1]))]
+        return neck, feats
+
+
 def _predict(
     model: torch.nn.Module,
     crops: torch.Tensor,
     mirror_axes: tuple[int, ...],
     clock: _Clock | None = None,
+    encodings: _SliceEncodings | None = None,
 ) -> torch.Tensor:
     """Mean class scores ``(B, K, T, S, S)`` over the identity and each mirrored copy."""
     clock = clock or _Clock(None, crops.device)
-    clock.lap("stitch")
-    out = model(crops)
-    clock.lap("network")
-    probs = semantic_probabilities(out["pred_logits"], out["pred_masks"])
-    for axis in mirror_axes:
+    probs = None
+    for flips in [(), *((axis,) for axis in mirror_axes)]:
         clock.lap("stitch")
-        o = model(crops.flip(axis))
+        view = crops.flip(flips) if flips else crops
+        if encodings is not None:
+            o = model(view, encodings(view, flips))
+        else:
+            o = model(view)
         clock.lap("network")
-        probs = probs + semantic_probabilities(o["pred_logits"], o["pred_masks"]).flip(axis)
+        p = semantic_probabilities(o["pred_logits"], o["pred_masks"])
+        p = p.flip(flips) if flips else p
+        probs = p if probs is None else probs + p
     return probs / (1 + len(mirror_axes))

@@ -75,6 +75,7 @@ def _build_vit(config: ModelConfig) -> MaskSAM:
         num_slices=config.num_slices,
         feature_indexes=b.feature_indexes,
         adapter_reduction=config.adapter_reduction,
+        adapters=config.encoder_mode == "adapters",
     )
     prompt_encoder, mask_decoder = _sam_prompt_parts(config, b.geometry, b.patch_size)
     return MaskSAM(
@@ -87,7 +88,8 @@ def _build_litemedsam(config: ModelConfig) -> MaskSAM:
     from .tiny_vit_encoder import TinyViTEncoder
 
     encoder = TinyViTEncoder(
-        num_slices=config.num_slices, adapter_reduction=config.adapter_reduction
+        num_slices=config.num_slices, adapter_reduction=config.adapter_reduction,
+        adapters=config.encoder_mode == "adapters",
     )
     prompt_encoder, mask_decoder = _sam_prompt_parts(config, 256, 4)
     return MaskSAM(
@@ -228,6 +230,7 @@ def create_model(
     in_channels: int = 1,
     preprocessing: dict | None = None,
     seed: int = 0,
+    recipe: str = "paper",
 ) -> MaskSAM:
     """A new MaskSAM from backbone weights and a label list (what ``masksam init`` does).
 
@@ -257,7 +260,7 @@ def create_model(
     config = make_model_config(
         backbone=backbone, labels=labels, img_size=img_size, num_slices=num_slices,
         num_queries=num_queries, in_channels=in_channels, preprocessing=preprocessing,
-        provenance=provenance,
+        provenance=provenance, recipe=recipe,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

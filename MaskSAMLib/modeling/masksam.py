@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import ModelConfig
+from .adapters import DepthConvAdapter
 from .mask_decoder import attach_decoder_adapters, decode_prompts
 from .prompt_generator import PromptGenerator, prompt_boxes
 from .stem import ModalityStem
@@ -128,6 +129,14 @@ class MaskSAM(nn.Module):
             token_dim=dim,
             stage_channels=list(config.prompt_generator_channels),
             num_slices=t,
+            depth_kernel=config.prompt_generator_depth_kernel,
+        )
+        # encoder_mode "frozen": the encoder sees each slice alone (cacheable); one depth
+        # adapter on its output mixes the slices instead of the adapters inside it.
+        self.encoder_mode = config.encoder_mode
+        self.encoder_adapter = (
+            DepthConvAdapter(dim=dim, num_slices=t, reduction=config.adapter_reduction)
+            if config.encoder_mode == "frozen" else None
         )
         self.global_class_token = nn.Parameter(torch.zeros(1, dim))
         nn.init.normal_(self.global_class_token, std=0.02)
@@ -152,8 +161,41 @@ class MaskSAM(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: ``(B, C_in, T, H, W)`` normalised intensities. Returns the output dict."""
+    @property
+    def caches_encoder(self) -> bool:
+        """Whether each slice's encoder output depends on that slice alone (can be cached)."""
+        return self.encoder_mode == "frozen"
+
+    def encode_slices(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encoder output of independent slices (``encoder_mode="frozen"`` only).
+
+        Args:
+            x: ``(S, C_in, H, W)`` normalised intensities, any number ``S`` of slices.
+        Returns:
+            ``neck (S, D, h, w)`` and the multi-level features, each ``(S, Ci, hi, wi)``: what
+            :meth:`forward` takes as ``encoded`` (slices of a window in order).
+        """
+        if not self.caches_encoder:
+            raise ValueError("encode_slices needs encoder_mode='frozen'")
+        fixed = self.stem.fixed_path(x[:, :, None])[:, :, 0]  # (S, 3, H, W)
+        return self._run_encoder(fixed)
+
+    def _run_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # The encoder in "frozen" mode has no trainable part: never keep its activations.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.caches_encoder):
+            neck, features = self.image_encoder(images)
+        return neck, list(features)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        encoded: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """x: ``(B, C_in, T, H, W)`` normalised intensities. Returns the output dict.
+
+        ``encoded``: with ``encoder_mode="frozen"``, the encoder output of the ``B*T`` slices
+        (from :meth:`encode_slices`, ordered (B, T)) when it was computed already (cached).
+        """
         b, _, t, h_in, w_in = x.shape
         if t != self.num_slices or h_in != self.img_size or w_in != self.img_size:
             raise ValueError(
@@ -161,7 +203,21 @@ class MaskSAM(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         stem = self.stem(x)
-        neck, features = self.image_encoder(stem.transpose(1, 2).reshape(b * t, 3, h_in, w_in))
+        if self.caches_encoder:
+            if encoded is None:
+                fixed = self.stem.fixed_path(x)
+                encoded = self._run_encoder(fixed.transpose(1, 2).reshape(b * t, 3, h_in, w_in))
+            neck, features = encoded
+            neck = neck.to(stem.dtype)
+            features = [f.to(stem.dtype) for f in features]
+            tokens = neck.permute(0, 2, 3, 1)
+            neck = neck + self.encoder_adapter(tokens).permute(0, 3, 1, 2)
+        else:
+            if encoded is not None:
+                raise ValueError("precomputed encoder output needs encoder_mode='frozen'")
+            neck, features = self._run_encoder(
+                stem.transpose(1, 2).reshape(b * t, 3, h_in, w_in)
+            )
         aux = self.prompt_generator(neck, features, stem)
         aux_masks, aux_boxes, aux_tokens = aux["aux_masks"], aux["aux_boxes"], aux["aux_tokens"]
         boxes = prompt_boxes(aux_boxes, aux_masks)
@@ -176,13 +232,17 @@ class MaskSAM(nn.Module):
         )
         n = self.num_queries
         chunk = self.decoder_chunk or n
+        mask_prompt_size = (4 * h, 4 * w)
         logits, lows = [], []
         for q0 in range(0, n, chunk):
             q1 = min(n, q0 + chunk)
             qc = q1 - q0
             sparse = pe_encoder._embed_boxes(boxes[:, :, q0:q1].reshape(-1, 4) * scale)
             masks_in = aux_masks[:, q0:q1].transpose(1, 2).reshape(-1, 1, *aux_masks.shape[-2:])
-            dense = pe_encoder._embed_masks((masks_in > 0).to(neck.dtype))
+            masks_in = (masks_in > 0).to(neck.dtype)
+            if masks_in.shape[-2:] != mask_prompt_size:  # a prompt generator of fewer stages
+                masks_in = F.interpolate(masks_in, size=mask_prompt_size, mode="nearest")
+            dense = pe_encoder._embed_masks(masks_in)
             tokens = (self.global_class_token + aux_tokens[:, :, q0:q1]).reshape(-1, neck.shape[1])
             low, cls = decode_prompts(
                 self.mask_decoder,

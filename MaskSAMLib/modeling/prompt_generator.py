@@ -27,14 +27,16 @@ from torch.nn import functional as F
 
 
 class ConvBlock3d(nn.Sequential):
-    """Two (Conv3d 3x3x3, InstanceNorm3d, LeakyReLU) layers."""
+    """Two (Conv3d kx3x3, InstanceNorm3d, LeakyReLU) layers (``k = depth_kernel``: 3, or 1 for
+    per-slice 2D convolutions)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, depth_kernel: int = 3) -> None:
+        kernel, pad = (depth_kernel, 3, 3), (depth_kernel // 2, 1, 1)
         super().__init__(
-            nn.Conv3d(in_channels, out_channels, 3, padding=1),
+            nn.Conv3d(in_channels, out_channels, kernel, padding=pad),
             nn.InstanceNorm3d(out_channels, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
-            nn.Conv3d(out_channels, out_channels, 3, padding=1),
+            nn.Conv3d(out_channels, out_channels, kernel, padding=pad),
             nn.InstanceNorm3d(out_channels, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
         )
@@ -54,8 +56,10 @@ class PromptGenerator(nn.Module):
         stem_channels: channels of the stem output joined at the last stage.
         num_queries: N.
         token_dim: D, the decoder's token width (a square number).
-        stage_channels: channels of the three decoder stages, coarse to fine.
+        stage_channels: channels of the decoder stages, coarse to fine (one to three stages;
+            the auxiliary masks come at ``h * 2 ** (stages - 1)``).
         num_slices: T.
+        depth_kernel: kernel of the convolutions along the slices (3, or 1: per slice).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class PromptGenerator(nn.Module):
         token_dim: int,
         stage_channels: list[int],
         num_slices: int,
+        depth_kernel: int = 3,
     ) -> None:
         super().__init__()
         self.num_queries = num_queries
@@ -92,7 +97,7 @@ class PromptGenerator(nn.Module):
             incoming = (neck_channels if s == 0 else channels) + n_feats * channels
             if s == self.num_stages - 1:
                 incoming += stem_channels
-            blocks.append(ConvBlock3d(incoming, channels))
+            blocks.append(ConvBlock3d(incoming, channels, depth_kernel))
         self.blocks = nn.ModuleList(blocks)
         self.mask_head = nn.Conv3d(stage_channels[-1], num_queries, 1)
         self.token_head = nn.Conv3d(stage_channels[0], num_queries, 1)

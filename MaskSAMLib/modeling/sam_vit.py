@@ -62,6 +62,8 @@ class SamViTEncoder(nn.Module):
         num_slices: T, consecutive slices per volume in the batch.
         feature_indexes: blocks whose outputs feed the prompt generator.
         adapter_reduction: bottleneck ratio of the depth-conv adapters.
+        adapters: False for ``encoder_mode="frozen"``: plain SAM (no depth embedding or
+            adapters), each slice encoded on its own.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class SamViTEncoder(nn.Module):
         num_slices: int,
         feature_indexes: list[int],
         adapter_reduction: int = 4,
+        adapters: bool = True,
     ) -> None:
         super().__init__()
         self.img_size = sam_encoder.img_size
@@ -83,8 +86,9 @@ class SamViTEncoder(nn.Module):
         dim = self.patch_embed.proj.out_channels
         self.embed_dim = dim
         self.patch_size = self.patch_embed.proj.kernel_size[0]
-        self.depth_embed = nn.Parameter(torch.zeros(1, num_slices, 1, 1, dim))
-        for block in self.blocks:
+        self.adapters = adapters
+        self.depth_embed = nn.Parameter(torch.zeros(1, num_slices, 1, 1, dim)) if adapters else None
+        for block in self.blocks if adapters else ():
             block.space_adapter = DepthConvAdapter(
                 dim=dim, num_slices=num_slices, reduction=adapter_reduction
             )
@@ -124,7 +128,8 @@ class SamViTEncoder(nn.Module):
         if pos is not None:
             x = x + pos
         t = self.num_slices
-        x = (x.reshape(bt // t, t, h, w, c) + self.depth_embed).reshape(bt, h, w, c)
+        if self.depth_embed is not None:
+            x = (x.reshape(bt // t, t, h, w, c) + self.depth_embed).reshape(bt, h, w, c)
         features = []
         for i, block in enumerate(self.blocks):
             shortcut = x
@@ -135,10 +140,13 @@ class SamViTEncoder(nn.Module):
                 y = enc.window_unpartition(y, block.window_size, pad_hw, (h, w))
             else:
                 y = fused_attention(block.attn, y)
-            y = y + block.space_adapter(y)
+            if self.adapters:
+                y = y + block.space_adapter(y)
             x = shortcut + y
             n2 = block.norm2(x)
-            x = x + block.mlp(n2) + 0.5 * block.mlp_adapter(n2)
+            x = x + block.mlp(n2)
+            if self.adapters:
+                x = x + 0.5 * block.mlp_adapter(n2)
             if i in self.feature_indexes:
                 features.append(x.permute(0, 3, 1, 2))
         neck = self.neck(x.permute(0, 3, 1, 2))

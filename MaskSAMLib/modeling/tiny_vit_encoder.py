@@ -6,6 +6,9 @@ The TinyViT modules are adopted under their checkpoint names (``patch_embed``, `
 zero-initialised :class:`DepthConvAdapter` (after attention, parallel to the MLP). The stage
 outputs are the multi-level features; the neck output is stride 4 (64x64 at 256 input).
 BatchNorm layers are frozen parts: MaskSAM keeps them in eval mode during training.
+
+With ``adapters=False`` (``encoder_mode="frozen"``) the encoder is plain LiteMedSAM: no depth
+embedding, no adapters, so each slice's output depends on that slice alone and can be cached.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from .tiny_vit import TinyViT, TinyViTBlock
 class TinyViTEncoder(nn.Module):
     """``forward(x (B*T, 3, 256, 256)) -> (neck (B*T, 256, 64, 64), stage features)``."""
 
-    def __init__(self, *, num_slices: int, adapter_reduction: int = 4) -> None:
+    def __init__(
+        self, *, num_slices: int, adapter_reduction: int = 4, adapters: bool = True
+    ) -> None:
         super().__init__()
         vit = TinyViT()
         self.num_slices = num_slices
@@ -32,8 +37,11 @@ class TinyViTEncoder(nn.Module):
             layer.downsample.conv3.c.out_channels if layer.downsample is not None else dim
             for layer, dim in zip(self.layers, vit.embed_dims, strict=True)
         ]
-        self.depth_embed = nn.Parameter(torch.zeros(1, num_slices, vit.embed_dims[0], 1, 1))
-        for module in self.layers.modules():
+        self.adapters = adapters
+        self.depth_embed = (
+            nn.Parameter(torch.zeros(1, num_slices, vit.embed_dims[0], 1, 1)) if adapters else None
+        )
+        for module in self.layers.modules() if adapters else ():
             if isinstance(module, TinyViTBlock):
                 module.space_adapter = DepthConvAdapter(
                     dim=module.dim, num_slices=num_slices, reduction=adapter_reduction
@@ -44,9 +52,10 @@ class TinyViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.patch_embed(x)  # (BT, C, H, W)
-        bt, c, h, w = x.shape
-        t = self.num_slices
-        x = (x.reshape(bt // t, t, c, h, w) + self.depth_embed).reshape(bt, c, h, w)
+        if self.depth_embed is not None:
+            bt, c, h, w = x.shape
+            t = self.num_slices
+            x = (x.reshape(bt // t, t, c, h, w) + self.depth_embed).reshape(bt, c, h, w)
         features = []
         for layer in self.layers:
             x = layer(x)

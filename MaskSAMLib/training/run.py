@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import LabelSpec, ModelConfig, make_labels
+from ..config import RECIPES, LabelSpec, ModelConfig, make_labels
 from ..data.dataset_json import DatasetSpec, load_dataset, validate_dataset
 from ..data.planning import plan_preprocessing
 from ..data.preprocessing import PreprocessConfig
@@ -28,7 +28,7 @@ from ..files import FolderLock, atomic_path, write_safetensors
 from ..modeling.build import CONFIG_NAME, build_masksam, create_model, load_model_dir
 from ..modeling.masksam import MaskSAM
 from ..progress import Progress
-from .cases import prepare_cases, split_cases
+from .cases import default_cache_dir, prepare_cases, split_cases
 from .checkpoint import load_checkpoint
 from .trainer import Trainer, TrainOptions
 
@@ -51,6 +51,7 @@ class TrainRequest:
     num_queries: int = 0
     cache_dir: Path | None = None
     target_spacing: tuple[float, float, float] | None = None  # (x, y, z) mm; None: planned
+    recipe: str | None = None  # with --backbone: "paper" (default) or "cpu" (see config.RECIPES)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -133,6 +134,11 @@ def _check_out(request: TrainRequest) -> None:
         raise MaskSAMError(f"{out} already exists and is not empty; choose a new --out.{hint}")
     if (request.backbone is None) == (request.init is None):
         raise MaskSAMError("Pass exactly one starting point: --backbone NAME or --init MODEL_DIR.")
+    if request.recipe is not None and request.backbone is None:
+        raise MaskSAMError("--recipe applies to a new model (--backbone); a model given with "
+                           "--init keeps its own recipe.")
+    if request.recipe not in (None, *RECIPES):
+        raise MaskSAMError(f"Unknown --recipe {request.recipe!r}; choose {', '.join(RECIPES)}.")
 
 
 def check_spacing(spacing: object) -> tuple[float, float, float]:
@@ -209,16 +215,27 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
         )
         if not train_cases:
             raise MaskSAMError("No training cases left after the validation split.")
+        model.to(device)
+        encoded = None
+        if model.caches_encoder:
+            from .encoder_cache import encode_cases
+
+            progress.start("encode", total=len(train_cases))
+            encoded = encode_cases(
+                model, train_cases, request.cache_dir or default_cache_dir(),
+                on_case=lambda i, n, cid: progress.update(i, n, message=cid),
+            )
+            progress.log("Encoder output cached for every training slice (recipe 'cpu'): "
+                         "training runs without spatial or intensity augmentation.")
         progress.log(f"{len(train_cases)} training and {len(val_cases)} validation cases; "
                      f"{config.backbone.name}, T={config.num_slices}, N={config.num_queries}, "
                      f"input {config.img_size}, device {device}")
         if options.decoder_chunk is None and device.type == "cpu":
             options.decoder_chunk = 8
-        model.to(device)
         trainer = Trainer(
             model=model, train_cases=train_cases, val_cases=val_cases, options=options,
             out_dir=request.out, device=device, progress=progress,
-            amp_dtype=half_dtype(device), rank=rank, world_size=world,
+            amp_dtype=half_dtype(device), rank=rank, world_size=world, encoded=encoded,
         )
         if state is not None:
             trainer.load_state(state)
@@ -273,12 +290,19 @@ def _model_for(
         model.config.preprocessing = _apply_spacing(pre, request, progress)
         model.config.provenance["init_model"] = str(request.init)
     else:
+        recipe = request.recipe or "paper"
         pre = _apply_spacing(plan_preprocessing(spec).to_dict(), request, progress)
+        if recipe == "cpu":
+            # Whole slices fitted to the input (as the 2D backbones were pretrained): one
+            # window per slice, whose encoder output is then cached.
+            from ..config import default_img_size
+
+            pre["fit_size"] = request.img_size or default_img_size(request.backbone)
         model = create_model(
             backbone=request.backbone, labels=labels, sam_checkpoint=request.sam_checkpoint,
             img_size=request.img_size, num_slices=request.num_slices,
             num_queries=request.num_queries, in_channels=len(spec.channel_names),
-            preprocessing=pre,
+            preprocessing=pre, recipe=recipe,
         )
     if model.config.in_channels != len(spec.channel_names):
         raise MaskSAMError(

@@ -107,6 +107,7 @@ class Trainer:
         amp_dtype: torch.dtype | None = None,
         rank: int = 0,
         world_size: int = 1,
+        encoded: dict | None = None,
     ) -> None:
         options.validate()
         self.model = model
@@ -119,16 +120,29 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.val_cases = val_cases
         names = [lab.name for lab in model.config.labels]
-        self.sampler = PatchSampler(
-            train_cases,
-            num_slices=model.num_slices,
-            size=model.img_size,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            augment=AugmentConfig(enabled=options.augment),
-            class_names=names,
-            item_offset=rank * options.batch_size,
-        )
+        self.cached = model.caches_encoder
+        self._val_encodings: dict[str, dict] = {}
+        if self.cached:
+            from .encoder_cache import CachedPatchSampler, encode_cases
+
+            if encoded is None:
+                encoded = encode_cases(model, train_cases, out_dir / "training" / "cache")
+            self.sampler = CachedPatchSampler(
+                train_cases, encoded, num_slices=model.num_slices, size=model.img_size,
+                batch_size=options.batch_size, seed=options.seed,
+                mirror_slices=options.augment, item_offset=rank * options.batch_size,
+            )
+        else:
+            self.sampler = PatchSampler(
+                train_cases,
+                num_slices=model.num_slices,
+                size=model.img_size,
+                batch_size=options.batch_size,
+                seed=options.seed,
+                augment=AugmentConfig(enabled=options.augment),
+                class_names=names,
+                item_offset=rank * options.batch_size,
+            )
         self.criterion = SetCriterion(
             num_classes=model.num_classes, num_points=options.num_points
         ).to(device)
@@ -243,9 +257,13 @@ class Trainer:
         for batch in batches:
             image = batch["image"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
+            extra = ()
+            if "encoded" in batch:
+                neck, feats = batch["encoded"]
+                extra = ((neck.to(self.device), [f.to(self.device) for f in feats]),)
             with torch.autocast(self.device.type, dtype=self.amp_dtype,
                                 enabled=self.amp_dtype is not None):
-                outputs = self.net(image)
+                outputs = self.net(image, *extra)
             outputs = {k: v.float() for k, v in outputs.items()}
             losses = self.criterion(outputs, label)
             loss = losses["loss"] / len(batches)
@@ -275,8 +293,12 @@ class Trainer:
         try:
             for case in self.val_cases:
                 image = torch.from_numpy(case.image)
+                cache = None
+                if self.cached:  # each validation volume is encoded once per run
+                    cache = self._val_encodings.setdefault(case.case_id, _HalfStore())
                 pred = sliding_window_labels(
-                    image, self.model, step=0.5, device=self.device, amp_dtype=self.amp_dtype
+                    image, self.model, step=0.5, device=self.device, amp_dtype=self.amp_dtype,
+                    encoder_cache=cache,
                 )
                 for k, name in enumerate(names[1:], start=1):
                     per_class[name].append(dice_score(pred == k, case.label == k))
@@ -299,8 +321,10 @@ class Trainer:
         if self.rank == 0:
             self.train_dir.mkdir(parents=True, exist_ok=True)
         previous = self._install_signal_handlers()
+        # The cached recipe reads memory-mapped encoder output: no loader processes needed.
         loader = batch_loader(self.sampler, start=start * opts.accumulate,
-                              stop=total * opts.accumulate, workers=opts.workers)
+                              stop=total * opts.accumulate,
+                              workers=0 if self.cached else opts.workers)
         batches = iter(loader)
         self.model.train()
         progress = self.progress if self.rank == 0 else Progress("none")
@@ -370,4 +394,13 @@ class Trainer:
 
 class _Stop(Exception):
     pass
+
+
+class _HalfStore(dict):
+    """Encoded validation slices kept in float16 (half the memory) between validations."""
+
+    def __setitem__(self, key: object, value: tuple) -> None:
+        neck, feats = value
+        super().__setitem__(key, (neck.detach().cpu().half(), [f.detach().cpu().half()
+                                                               for f in feats]))
 
