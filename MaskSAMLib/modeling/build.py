@@ -202,6 +202,11 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") ->
             f"{weights} is truncated or corrupt ({exc}); re-create the model."
         ) from exc
     model = build_masksam(config)
+    if config.provenance.get("compact"):
+        from .compact import load_compact_state
+
+        load_compact_state(model, state)
+        return model.to(device).eval()
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         keys = (result.missing_keys or result.unexpected_keys)[:1]

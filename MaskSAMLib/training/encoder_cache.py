@@ -73,6 +73,14 @@ class EncodedCase:
     neck: np.ndarray
     features: list[np.ndarray]
 
+    def fill_window_cache(self, store: dict) -> None:
+        """Put every slice into a sliding-window encoder cache (keys of a one-tile volume)."""
+        for z in range(self.neck.shape[0]):
+            store[(z, 0, 0, False, False)] = (
+                torch.from_numpy(np.array(self.neck[z])),
+                [torch.from_numpy(np.array(f[z])) for f in self.features],
+            )
+
     def slices(self, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The encoder output of ``indices`` as float32 tensors ``(len, ...)``."""
         neck = torch.from_numpy(np.ascontiguousarray(self.neck[indices])).float()

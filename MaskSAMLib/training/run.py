@@ -220,9 +220,9 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
         if model.caches_encoder:
             from .encoder_cache import encode_cases
 
-            progress.start("encode", total=len(train_cases))
+            progress.start("encode", total=len(train_cases) + len(val_cases))
             encoded = encode_cases(
-                model, train_cases, request.cache_dir or default_cache_dir(),
+                model, train_cases + val_cases, request.cache_dir or default_cache_dir(),
                 on_case=lambda i, n, cid: progress.update(i, n, message=cid),
             )
             progress.log("Encoder output cached for every training slice (recipe 'cpu'): "
@@ -236,6 +236,7 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
             model=model, train_cases=train_cases, val_cases=val_cases, options=options,
             out_dir=request.out, device=device, progress=progress,
             amp_dtype=half_dtype(device), rank=rank, world_size=world, encoded=encoded,
+            val_encoded=encoded,
         )
         if state is not None:
             trainer.load_state(state)

@@ -58,6 +58,9 @@ class TrainOptions:
     decoder_chunk: int | None = None
     num_points: int = 12544
     augment: bool = True
+    # Stop cleanly (checkpoint, exit 130, continue with --resume) after this many minutes of
+    # this call: a long run split into calls of a batch system or a lent machine's time limit.
+    time_limit_min: float | None = None
 
     def validate(self) -> None:
         for name in ("iterations", "batch_size", "accumulate", "checkpoint_every", "val_every"):
@@ -67,6 +70,9 @@ class TrainOptions:
             raise MaskSAMError(f"--lr must be positive, got {self.lr}.")
         if self.workers < 0:
             raise MaskSAMError("--workers must be 0 or more.")
+        if self.time_limit_min is not None and not self.time_limit_min > 0:
+            raise MaskSAMError(f"--time-limit must be a positive number of minutes, got "
+                               f"{self.time_limit_min}.")
 
 
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
@@ -108,6 +114,7 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         encoded: dict | None = None,
+        val_encoded: dict | None = None,
     ) -> None:
         options.validate()
         self.model = model
@@ -122,6 +129,7 @@ class Trainer:
         names = [lab.name for lab in model.config.labels]
         self.cached = model.caches_encoder
         self._val_encodings: dict[str, dict] = {}
+        self._val_encoded = val_encoded or {}
         if self.cached:
             from .encoder_cache import CachedPatchSampler, encode_cases
 
@@ -158,6 +166,7 @@ class Trainer:
         self.best = {"dice": -1.0, "iteration": -1}
         self.history: list[dict[str, Any]] = []
         self._stop_reason: str | None = None
+        self._started = time.monotonic()
         model.decoder_chunk = options.decoder_chunk
         self.net: nn.Module = model
         if world_size > 1:
@@ -230,6 +239,9 @@ class Trainer:
     def _should_stop(self) -> bool:
         if self.rank == 0 and (self.out_dir / STOP_FILE).exists():
             self.request_stop("stop file")
+        limit = self.options.time_limit_min
+        if limit is not None and time.monotonic() - self._started > 60.0 * limit:
+            self.request_stop(f"--time-limit {limit:g} min")
         flag = self._stop_reason is not None
         if self.world_size > 1:
             t = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -294,8 +306,13 @@ class Trainer:
             for case in self.val_cases:
                 image = torch.from_numpy(case.image)
                 cache = None
-                if self.cached:  # each validation volume is encoded once per run
-                    cache = self._val_encodings.setdefault(case.case_id, _HalfStore())
+                if self.cached:  # each validation volume is encoded once per run (or cached)
+                    cache = self._val_encodings.get(case.case_id)
+                    if cache is None:
+                        cache = _HalfStore()
+                        if case.case_id in self._val_encoded:
+                            self._val_encoded[case.case_id].fill_window_cache(cache)
+                        self._val_encodings[case.case_id] = cache
                 pred = sliding_window_labels(
                     image, self.model, step=0.5, device=self.device, amp_dtype=self.amp_dtype,
                     encoder_cache=cache,
@@ -321,6 +338,7 @@ class Trainer:
         if self.rank == 0:
             self.train_dir.mkdir(parents=True, exist_ok=True)
         previous = self._install_signal_handlers()
+        self._started = time.monotonic()
         # The cached recipe reads memory-mapped encoder output: no loader processes needed.
         loader = batch_loader(self.sampler, start=start * opts.accumulate,
                               stop=total * opts.accumulate,
