@@ -272,9 +272,9 @@ class TrainingCaseStore:
             segmentIds.InsertNextValue(segmentId)
         labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__masksam_export__")
         try:
-            logic = slicer.vtkSlicerSegmentationsModuleLogic()
-            logic.SetMRMLScene(scene)
-            ok = logic.ExportSegmentsToLabelmapNode(
+            # Static method: no module logic instance (its SetMRMLScene would register the
+            # converter rules again on every Add case).
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentationNode, segmentIds, labelmapNode, volumeNode,
                 slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
             )
