@@ -46,7 +46,12 @@ class MaskSAMSlicer(ScriptedLoadableModule):
         self.parent.title = _("MaskSAM")
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["MaskSAMSlicer developers"]
+        # Placeholder: the maintainers' names and organisations go here (and in CMakeLists.txt
+        # and MaskSAMSlicer.s4ext) before the extension is submitted to the index.
+        self.parent.contributors = [
+            "MaskSAMSlicer maintainers (names and organisations to be filled in before index "
+            "submission)"
+        ]
         self.parent.helpText = _(
             "Prompt-free auto-segmentation of CT and MR volumes with MaskSAM (Segment Anything "
             "adapted to 3D with mask classification), and local fine-tuning on your own cases."
@@ -62,6 +67,8 @@ class MaskSAMSlicer(ScriptedLoadableModule):
             "</ul>"
             "Computation runs in a separate process: Slicer stays responsive and Cancel/Stop "
             "always work.<br><br>"
+            "<b>Requires 3D Slicer 5.10 or later</b> (Python 3.12); on older Slicer versions "
+            "the panel says so and runs nothing.<br><br>"
         ) + RESEARCH_NOTICE
         self.parent.acknowledgementText = _(
             "MaskSAM: Xie et al., <i>MaskSAM: Towards Auto-prompt SAM with Mask Classification "
@@ -104,8 +111,8 @@ class MaskSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReload(self) -> None:
         """Developer reload: also reload the MaskSAMSlicerLib submodules."""
-        for name in ("errors", "process", "volumeIO", "modelRegistry", "install",
-                     "segmentationLogic", "trainingLogic", "widget"):
+        for name in ("compatibility", "errors", "process", "volumeIO", "modelRegistry",
+                     "install", "segmentationLogic", "trainingLogic", "panelLogic", "widget"):
             module = importlib.import_module(f"MaskSAMSlicerLib.{name}")
             importlib.reload(module)
         ScriptedLoadableModuleWidget.onReload(self)

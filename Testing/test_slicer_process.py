@@ -89,7 +89,8 @@ def startLauncher(tmp_path: Path, mode: str = "plain", **kwargs) -> tuple[Proces
 
 def test_process_module_does_not_import_psutil_when_it_loads():
     tree = ast.parse((MODULE_DIR / "MaskSAMSlicerLib" / "process.py").read_text())
-    topLevel = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom, ast.Try))]
+    topLevel = [node for node in tree.body
+                if isinstance(node, (ast.Import, ast.ImportFrom, ast.Try))]
     names = set()
     for node in topLevel:
         for sub in ast.walk(node):

@@ -743,6 +743,26 @@ class TrainingLogic:
             self.chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
         return self.chartNode
 
+    def createPlotViewNode(self, ownerNode):
+        """A plot view node for the Train tab's own plot widget.
+
+        Its parent layout node is ``ownerNode`` (the module's parameter node): a view node
+        without one is taken over by the main layout, which then builds a hidden extra plot
+        widget for it. It is not saved with the scene (it only serves this panel).
+        """
+        import slicer
+
+        viewNode = slicer.vtkMRMLPlotViewNode()
+        viewNode.SetName("MaskSAM training plot view")
+        viewNode.SetLayoutName("MaskSAMTrainingPlot")
+        viewNode.SetSaveWithScene(False)
+        if ownerNode is not None:
+            viewNode.SetAndObserveParentLayoutNodeID(ownerNode.GetID())
+        viewNode = self.scene.AddNode(viewNode)
+        if self.chartNode is not None:
+            viewNode.SetPlotChartNodeID(self.chartNode.GetID())
+        return viewNode
+
     def updateCurveTables(self, curves: TrainingCurves) -> None:
         """Mirror the curves into the table nodes (no-op when they were not created)."""
         for table, points in ((self.lossTableNode, curves.loss), (self.diceTableNode, curves.dice)):
