@@ -182,7 +182,6 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
 
     def test_AutoSegmentTinyModel(self):
         import numpy as np
-
         from MaskSAMSlicerLib import volumeIO
         from MaskSAMSlicerLib.install import DependencyInstaller
         from MaskSAMSlicerLib.modelRegistry import ModelRegistry

@@ -369,3 +369,19 @@ def test_module_loads_on_an_old_slicer_to_say_it_is_too_old(path):
     tree = ast.parse(source, feature_version=(3, 9))
     if usesUnionAnnotations(tree):
         assert "from __future__ import annotations" in source, path
+
+
+def test_module_is_linted_like_the_library():
+    """ruff with the repository's configuration (as Python 3.9 code, see pyproject.toml)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if ruff is None:
+        pytest.skip("ruff is not installed (it is in the [test] extra)")
+    paths = ["MaskSAMSlicer", "MaskSAMLib/terminology.py",
+             *sorted(str(p.relative_to(REPO)) for p in (REPO / "Testing").glob("*slicer*.py"))]
+    result = subprocess.run([ruff, "check", "--no-cache", *paths], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

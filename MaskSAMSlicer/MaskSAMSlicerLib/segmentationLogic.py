@@ -346,10 +346,9 @@ class SegmentationLogic:
         class's name, colour and terminology. Values in the map that no label declares are
         left out and reported in ``warnings``.
         """
-        import vtk
-
         import slicer
         import slicer.util
+        import vtk
 
         scene = self.scene
         if self.needsReplaceConfirmation(outputSegmentationNode) and not replaceConfirmed:

@@ -320,10 +320,9 @@ class TrainingCaseStore:
         who corrected more adds it again). Files appear atomically; the manifest is written
         last, so a failure leaves the previous state.
         """
-        import vtk
-
         import slicer
         import slicer.util
+        import vtk
 
         volumeIO.checkScalarVolume(volumeNode, "training volume")
         if segmentationNode is None:
