@@ -176,6 +176,21 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_AutoSegmentTinyModel()
 
+    @staticmethod
+    def _waitKeepingGuiAlive(runner, timeout):
+        """Wait for a child while Slicer keeps drawing and answering (no frozen window)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while runner.isRunning():
+            runner.poll()
+            slicer.app.processEvents()
+            if time.monotonic() > deadline:
+                runner.cancelAndWait(timeout=60)
+                raise TimeoutError(f"{runner.args[0]} still running after {timeout} s")
+            time.sleep(0.05)
+        return runner.returnCode
+
     def _skip(self, message):
         logging.warning(f"MaskSAMSlicerTest skipped: {message}")
         self.delayDisplay(f"Skipped: {message}")
@@ -231,7 +246,7 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         job = logic.training.startTraining(
             store.folder, registry.newModelDir("selftest"), backbone="tiny", iterations=2,
             batchSize=1, device="CPU", valFraction=0.0)
-        job.runner.wait(timeout=900)
+        self._waitKeepingGuiAlive(job.runner, timeout=900)
         model = logic.training.finishTraining(job, registry)
         self.assertEqual(model.classNames(), ["liver", "spleen"])
 
@@ -239,7 +254,7 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         logic.segmentation.keepTemporaryFiles = True
         logic.segmentation.tempRoot = workDir
         segJob = logic.segmentation.startSegmentation(volume, model, device="CPU", speed="Fast")
-        segJob.runner.wait(timeout=900)
+        self._waitKeepingGuiAlive(segJob.runner, timeout=900)
         result = logic.segmentation.finishSegmentation(segJob)
         segmentationNode = result.segmentationNode
 
