@@ -146,6 +146,12 @@ class MaskSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, modelDir, *, device="Auto", speed="Standard", roiNode=None,
                 outputSegmentationNode=None, replaceConfirmed=False, timeout=None):
         """Blocking auto-segmentation; returns a ``SegmentationResult``."""
+        from MaskSAMSlicerLib.compatibility import currentIncompatibility
+        from MaskSAMSlicerLib.errors import MaskSAMSlicerError
+
+        incompatibility = currentIncompatibility()
+        if incompatibility:
+            raise MaskSAMSlicerError(incompatibility)
         self.segmentation.tempRoot = slicer.app.temporaryPath
         return self.segmentation.segment(
             volumeNode, modelDir, device=device, speed=speed, roiNode=roiNode,
