@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MaskSAMError
+from .terminology import terminology_for
 
 FORMAT_VERSION = 1
 BACKBONES = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
@@ -308,7 +309,11 @@ _KNOWN_COLORS = {
 
 
 def make_labels(names: list[str], values: list[int] | None = None) -> list[LabelSpec]:
-    """LabelSpecs for names in order, background first (values default to the positions)."""
+    """LabelSpecs for names in order, background first (values default to the positions).
+
+    Known structures get their standard colour and Slicer terminology (SNOMED CT codes,
+    ``MaskSAMLib.terminology``); other names get a palette colour and no terminology.
+    """
     if values is None:
         values = list(range(len(names)))
     if len(values) != len(names):
@@ -321,5 +326,6 @@ def make_labels(names: list[str], values: list[int] | None = None) -> list[Label
             key = name.lower()
             rgb = _KNOWN_COLORS.get(key) or _PALETTE[(value - 1) % len(_PALETTE)]
             color = list(rgb)
-        labels.append(LabelSpec(value=value, name=name, color=color))
+        terminology = terminology_for(name) if value != 0 else None
+        labels.append(LabelSpec(value=value, name=name, color=color, terminology=terminology))
     return labels

@@ -46,7 +46,12 @@ class MaskSAMSlicer(ScriptedLoadableModule):
         self.parent.title = _("MaskSAM")
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["MaskSAMSlicer developers"]
+        # Placeholder: the maintainers' names and organisations go here (and in CMakeLists.txt
+        # and MaskSAMSlicer.s4ext) before the extension is submitted to the index.
+        self.parent.contributors = [
+            "MaskSAMSlicer maintainers (names and organisations to be filled in before index "
+            "submission)"
+        ]
         self.parent.helpText = _(
             "Prompt-free auto-segmentation of CT and MR volumes with MaskSAM (Segment Anything "
             "adapted to 3D with mask classification), and local fine-tuning on your own cases."
@@ -62,6 +67,8 @@ class MaskSAMSlicer(ScriptedLoadableModule):
             "</ul>"
             "Computation runs in a separate process: Slicer stays responsive and Cancel/Stop "
             "always work.<br><br>"
+            "<b>Requires 3D Slicer 5.10 or later</b> (Python 3.12); on older Slicer versions "
+            "the panel says so and runs nothing.<br><br>"
         ) + RESEARCH_NOTICE
         self.parent.acknowledgementText = _(
             "MaskSAM: Xie et al., <i>MaskSAM: Towards Auto-prompt SAM with Mask Classification "
@@ -104,8 +111,8 @@ class MaskSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReload(self) -> None:
         """Developer reload: also reload the MaskSAMSlicerLib submodules."""
-        for name in ("errors", "process", "volumeIO", "modelRegistry", "install",
-                     "segmentationLogic", "trainingLogic", "widget"):
+        for name in ("compatibility", "errors", "process", "volumeIO", "modelRegistry",
+                     "install", "segmentationLogic", "trainingLogic", "panelLogic", "widget"):
             module = importlib.import_module(f"MaskSAMSlicerLib.{name}")
             importlib.reload(module)
         ScriptedLoadableModuleWidget.onReload(self)
@@ -139,6 +146,12 @@ class MaskSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, modelDir, *, device="Auto", speed="Standard", roiNode=None,
                 outputSegmentationNode=None, replaceConfirmed=False, timeout=None):
         """Blocking auto-segmentation; returns a ``SegmentationResult``."""
+        from MaskSAMSlicerLib.compatibility import currentIncompatibility
+        from MaskSAMSlicerLib.errors import MaskSAMSlicerError
+
+        incompatibility = currentIncompatibility()
+        if incompatibility:
+            raise MaskSAMSlicerError(incompatibility)
         self.segmentation.tempRoot = slicer.app.temporaryPath
         return self.segmentation.segment(
             volumeNode, modelDir, device=device, speed=speed, roiNode=roiNode,
@@ -169,13 +182,27 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_AutoSegmentTinyModel()
 
+    @staticmethod
+    def _waitKeepingGuiAlive(runner, timeout):
+        """Wait for a child while Slicer keeps drawing and answering (no frozen window)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while runner.isRunning():
+            runner.poll()
+            slicer.app.processEvents()
+            if time.monotonic() > deadline:
+                runner.cancelAndWait(timeout=60)
+                raise TimeoutError(f"{runner.args[0]} still running after {timeout} s")
+            time.sleep(0.05)
+        return runner.returnCode
+
     def _skip(self, message):
         logging.warning(f"MaskSAMSlicerTest skipped: {message}")
         self.delayDisplay(f"Skipped: {message}")
 
     def test_AutoSegmentTinyModel(self):
         import numpy as np
-
         from MaskSAMSlicerLib import volumeIO
         from MaskSAMSlicerLib.install import DependencyInstaller
         from MaskSAMSlicerLib.modelRegistry import ModelRegistry
@@ -225,7 +252,7 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         job = logic.training.startTraining(
             store.folder, registry.newModelDir("selftest"), backbone="tiny", iterations=2,
             batchSize=1, device="CPU", valFraction=0.0)
-        job.runner.wait(timeout=900)
+        self._waitKeepingGuiAlive(job.runner, timeout=900)
         model = logic.training.finishTraining(job, registry)
         self.assertEqual(model.classNames(), ["liver", "spleen"])
 
@@ -233,7 +260,7 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         logic.segmentation.keepTemporaryFiles = True
         logic.segmentation.tempRoot = workDir
         segJob = logic.segmentation.startSegmentation(volume, model, device="CPU", speed="Fast")
-        segJob.runner.wait(timeout=900)
+        self._waitKeepingGuiAlive(segJob.runner, timeout=900)
         result = logic.segmentation.finishSegmentation(segJob)
         segmentationNode = result.segmentationNode
 

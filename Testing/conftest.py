@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+try:
+    import torch
+except ImportError:  # the torch-free Python 3.12 run (Testing/test_python312.py)
+    torch = None
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "totalseg_examples"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if torch is not None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

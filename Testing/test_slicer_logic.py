@@ -132,9 +132,8 @@ def addSegment(segNode, name, mask, referenceVolume, color=(1, 0, 0)):
     labelmap.CopyOrientation(referenceVolume)
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segmentId)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    assert logic.ImportLabelmapToSegmentationNode(labelmap, segNode, ids)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        labelmap, segNode, ids)
     scene.RemoveNode(labelmap)
     return segmentId
 
@@ -144,9 +143,7 @@ def exportSegment(segNode, segmentId, referenceVolume) -> np.ndarray:
     out = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segmentId)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    assert logic.ExportSegmentsToLabelmapNode(
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
         segNode, ids, out, referenceVolume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
     )
     array = slicer.util.arrayFromVolume(out).copy()
@@ -255,6 +252,29 @@ def test_label_map_becomes_named_coloured_segments_on_the_volume_grid(scene):
     assert any("[9]" in w for w in result.warnings)
     assert any("spleen" in w for w in result.warnings)
     assert scene.GetFirstNodeByName("__masksam_tmp__") is None
+
+
+def converterRuleNames() -> list[str]:
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    return sorted(rule.GetClassName() for rule in factory.GetConverterRules())
+
+
+def test_converter_rules_do_not_pile_up_over_several_runs(scene, tmp_path):
+    """Each Apply and Add case once created a module logic whose SetMRMLScene registered the
+    four rules again (4 -> 8 -> 12, with a warning each time)."""
+    before = converterRuleNames()
+    assert len(before) == 4
+    logic = SegmentationLogic(scene)
+    store = TrainingCaseStore(tmp_path / "cases")
+    array = phantomArray()
+    labels = np.zeros(array.shape, np.uint8)
+    labels[array == 200] = 1
+    for run in range(3):
+        volume = makeVolume(scene, array)
+        result = logic.importLabelArray(labels, volume, LABELS)
+        store.addCase(volume, result.segmentationNode)
+        registerSegmentationConverterRules()
+        assert converterRuleNames() == before, f"after run {run + 1}"
 
 
 def test_existing_segmentation_is_replaced_only_when_confirmed(scene):

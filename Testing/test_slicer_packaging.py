@@ -94,7 +94,7 @@ def test_cmake_metadata_is_complete():
         assert meta.get(f"EXTENSION_{key}"), f"EXTENSION_{key} is missing or empty"
     assert meta["EXTENSION_DEPENDS"].split() == ["PyTorch"]
     assert re.search(r"project\(\s*MaskSAMSlicer\s*\)", text)
-    for required in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+    for required in ("find_package(Slicer 5.10 REQUIRED)", "include(${Slicer_USE_FILE})",
                      "add_subdirectory(MaskSAMSlicer)",
                      "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
                      "include(${Slicer_EXTENSION_CPACK})"):
@@ -284,3 +284,104 @@ def imports_of(node) -> set[str]:
 @pytest.mark.parametrize("path", sorted((MODULE_DIR).rglob("*.py")), ids=lambda p: p.name)
 def test_module_files_compile(path):
     compile(path.read_text(), str(path), "exec")
+
+
+# ----------------------------------------------------------------------------- index review
+def test_licence_file_is_the_projects_apache_2_licence():
+    text = (REPO / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'license\s*=\s*\{\s*text\s*=\s*"Apache-2.0"\s*\}', pyproject)
+
+
+def test_repository_name_and_every_url_agree():
+    meta = cmakeSets(TOP_CMAKE.read_text())
+    home = meta["EXTENSION_HOMEPAGE"]
+    match = re.fullmatch(r"https://github\.com/[\w.-]+/([\w.-]+)", home)
+    assert match, home
+    assert match.group(1).startswith("Slicer"), "the index wants repository names Slicer..."
+    assert re.search(r"project\(\s*MaskSAMSlicer\s*\)", TOP_CMAKE.read_text())  # the extension
+    urls = [meta["EXTENSION_ICONURL"], *meta["EXTENSION_SCREENSHOTURLS"].split(),
+            s4ext()["homepage"], s4ext()["iconurl"], *s4ext()["screenshoturls"].split(),
+            s4ext()["scmurl"], json.loads(CATALOG_JSON.read_text())["scm_url"]]
+    for url in urls:
+        assert url == home or url.startswith(home + "/") or url == home + ".git", url
+    # No other GitHub address of this project anywhere in the files the index reads.
+    for path in (TOP_CMAKE, S4EXT, CATALOG_JSON, REPO / "README.md",
+                 MODULE_DIR / "MaskSAMSlicer.py"):
+        for other in re.findall(r"https://github\.com/MaskSAMSlicer/[\w.-]+", path.read_text()):
+            assert other.removesuffix(".git") == home, (path, other)
+
+
+def test_contributors_have_the_form_the_template_expects_everywhere():
+    meta = cmakeSets(TOP_CMAKE.read_text())
+    contributors = meta["EXTENSION_CONTRIBUTORS"]
+    entry = r"[^,()]+ \([^()]+\)"
+    assert re.fullmatch(rf"{entry}(, {entry})*", contributors), contributors
+    assert s4ext()["contributors"] == contributors
+    tree = ast.parse((MODULE_DIR / "MaskSAMSlicer.py").read_text())
+    values = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+              and any(isinstance(t, ast.Attribute) and t.attr == "contributors"
+                      for t in node.targets)]
+    assert len(values) == 1
+    assert ast.literal_eval(values[0]) == [contributors]
+
+
+def test_minimum_slicer_version_is_stated_everywhere():
+    text = TOP_CMAKE.read_text()
+    assert "find_package(Slicer 5.10 REQUIRED)" in text
+    meta = cmakeSets(text)
+    assert "Slicer 5.10 or later" in meta["EXTENSION_DESCRIPTION"]
+    assert "Slicer 5.10 or later" in (MODULE_DIR / "MaskSAMSlicer.py").read_text()
+    readme = (REPO / "README.md").read_text()
+    slicerSection = readme.split("## 3D Slicer extension", 1)[1].split("\n## ", 1)[0]
+    assert "Slicer 5.10" in slicerSection and "Python 3.12" in slicerSection
+    assert re.search(r'requires-python\s*=\s*">=3\.10"', (REPO / "pyproject.toml").read_text())
+    import sys
+
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    from MaskSAMSlicerLib.compatibility import MINIMUM_PYTHON, MINIMUM_SLICER
+
+    assert MINIMUM_SLICER == (5, 10) and MINIMUM_PYTHON == (3, 10)
+
+
+def usesUnionAnnotations(tree: ast.AST) -> bool:
+    annotations = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            annotations += [a.annotation for a in (*args.args, *args.kwonlyargs,
+                                                   *args.posonlyargs) if a.annotation]
+            annotations += [node.returns] if node.returns else []
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+    return any(isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.BitOr)
+               for annotation in annotations for sub in ast.walk(annotation))
+
+
+@pytest.mark.parametrize("path", sorted((MODULE_DIR).rglob("*.py")), ids=lambda p: p.name)
+def test_module_loads_on_an_old_slicer_to_say_it_is_too_old(path):
+    """Slicer 5.6/5.8 (Python 3.9) must be able to import the module and show the panel's
+    message: Python 3.9 grammar, and ``X | None`` annotations only behind the future import."""
+    source = path.read_text()
+    tree = ast.parse(source, feature_version=(3, 9))
+    if usesUnionAnnotations(tree):
+        assert "from __future__ import annotations" in source, path
+
+
+def test_module_is_linted_like_the_library():
+    """ruff with the repository's configuration (as Python 3.9 code, see pyproject.toml)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if ruff is None:
+        pytest.skip("ruff is not installed (it is in the [test] extra)")
+    paths = ["MaskSAMSlicer", "MaskSAMLib/terminology.py",
+             *sorted(str(p.relative_to(REPO)) for p in (REPO / "Testing").glob("*slicer*.py"))]
+    result = subprocess.run([ruff, "check", "--no-cache", *paths], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

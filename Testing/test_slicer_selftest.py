@@ -47,8 +47,10 @@ def slicerApp(monkeypatch, tmp_path):
     """Just enough of the Slicer application for the self-test."""
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    processed = []
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
-        temporaryPath=str(tmp_path), testingEnabled=lambda: True), raising=False)
+        temporaryPath=str(tmp_path), testingEnabled=lambda: True,
+        processEvents=lambda: processed.append(1)), raising=False)
 
     class VolumesLogic:
         def CreateAndAddLabelVolume(self, reference, name):  # noqa: N802 - Slicer API
@@ -88,6 +90,7 @@ def slicerApp(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(MODULE_DIR))
     monkeypatch.delitem(sys.modules, "MaskSAMSlicer", raising=False)
     monkeypatch.setenv("MASKSAM_HOME", str(tmp_path / "home"))
+    scene.processedEvents = processed
     return scene
 
 
@@ -108,5 +111,6 @@ def test_module_self_test_passes_end_to_end(slicerApp, capsys):
     out = capsys.readouterr().out
     assert "Skipped" not in out, out
     assert "[delayDisplay] Test passed" in out
+    assert slicer.app.processEvents and len(slicerApp.processedEvents) > 10  # GUI kept alive
     segmentations = slicerApp.GetNodesByClass("vtkMRMLSegmentationNode")
     assert segmentations.GetNumberOfItems() == 2  # the reference and the auto-segmentation

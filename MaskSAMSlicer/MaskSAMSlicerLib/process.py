@@ -11,8 +11,14 @@ The GUI must never block and never touch Qt from a worker thread, so the design 
 - :meth:`ProcessRunner.wait` is the blocking mode for scripts and tests (it loops on ``poll``).
 
 Cancel is polite first: a stop file (training saves a checkpoint and exits) or SIGTERM (the
-CLI stops cleanly and exits 130), then after a grace period the whole process tree is killed
-with psutil (loader workers and other grandchildren included; works on Windows and macOS).
+CLI stops cleanly and exits 130), then after a grace period the whole process tree is killed.
+"The whole tree" does not depend on psutil, which is installed only on the first Apply (after
+this module was imported): on Linux and macOS the child leads its own process group
+(``start_new_session``), so signals go to the group (``os.killpg``), which holds the
+``PythonSlicer`` launcher, the ``python-real`` it starts, and the data-loader workers; on
+Windows ``taskkill /T`` ends the tree. psutil, when it can be imported at the time of the
+cancel, additionally finds descendants that left the group. Nothing here waits on the GUI
+thread: leftovers of a cancelled run are reaped by a daemon thread.
 
 Nothing here imports qt, slicer or torch.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -29,11 +36,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-try:  # psutil is in requirements.txt; without it only the direct child can be stopped.
-    import psutil
-except ImportError:  # pragma: no cover - exercised only where psutil is missing
-    psutil = None
 
 #: Events the child emits (INTERFACES.md) plus the ones the runner adds itself.
 CHILD_EVENTS = ("start", "progress", "metric", "log", "done", "error")
@@ -44,6 +46,50 @@ EXIT_INTERRUPTED = 130
 
 _STDERR_TAIL_LINES = 40
 _PIPE_LINGER_S = 2.0
+_LEFTOVER_GRACE_S = 3.0
+
+
+def importPsutil():
+    """psutil if it can be imported now, else None.
+
+    Imported at the time of use, never when this module loads: the first Apply installs it
+    (requirements.txt) after the module was imported. ``sys.modules["psutil"] = None`` (as
+    the tests do) makes it unavailable.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def _signalGroup(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def _groupAlive(pgid: int) -> bool:
+    """True while any process (zombies included) is left in the group."""
+    return _signalGroup(pgid, 0)
+
+
+def _taskkill(pid: int, force: bool) -> None:
+    """Windows: end ``pid`` and its descendants (``taskkill /T``, ``/F`` to force)."""
+    args = ["taskkill", "/PID", str(pid), "/T"]
+    if force:
+        args.append("/F")
+    try:
+        subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=10,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    except (OSError, subprocess.SubprocessError):
+        pass
 
 
 def parseEventLine(line: str) -> dict[str, Any]:
@@ -170,6 +216,8 @@ class ProcessRunner:
         self._knownTree: dict[int, Any] = {}
         self._exitReported = False
         self._childExitSeenAt: float | None = None
+        self._groupReaped = False
+        self._reaper: threading.Thread | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -279,8 +327,8 @@ class ProcessRunner:
         if self.popen.poll() is not None and self._streamsFinished():
             self.returnCode = self.popen.returncode
             self.endTime = time.monotonic()
-            for thread in self._threads:
-                thread.join(timeout=1.0)
+            # The reader threads have queued their end-of-stream marks (or a leftover
+            # descendant holds a pipe open); they are daemons, so nothing is joined here.
             if self.cancelRequested:
                 self._killLeftovers()
             self._exitReported = True
@@ -411,7 +459,8 @@ class ProcessRunner:
             self._cancelDeadline = time.monotonic() + 5.0
 
     def _rememberTree(self) -> None:
-        """Record the child and its descendants (an orphaned grandchild is still ours)."""
+        """Record the child and its descendants seen by psutil (an orphan is still ours)."""
+        psutil = importPsutil()
         if psutil is None or self.popen is None:
             return
         try:
@@ -423,6 +472,9 @@ class ProcessRunner:
             self._knownTree.setdefault(proc.pid, proc)
 
     def _aliveTree(self) -> list:
+        psutil = importPsutil()
+        if psutil is None:
+            return []
         alive = []
         for proc in self._knownTree.values():
             try:
@@ -432,50 +484,83 @@ class ProcessRunner:
                 continue
         return alive
 
-    def _terminateTree(self) -> None:
+    def _groupId(self) -> int | None:
+        """The child's process group (POSIX; it was started as a session leader)."""
+        if os.name == "nt" or self.popen is None:
+            return None
+        return self.popen.pid
+
+    def _signalTree(self, force: bool) -> None:
+        """SIGTERM (or SIGKILL when ``force``) to the child's whole tree, psutil or not."""
+        if self.popen is None:
+            return
+        if os.name == "nt":
+            # Windows has no SIGTERM for console processes: taskkill /T /F ends the launcher
+            # and the tree below it while the launcher is alive (the polite stop for training
+            # is the stop file, written before this).
+            if self.popen.poll() is None:
+                _taskkill(self.popen.pid, force=True)
+        else:
+            pgid = self._groupId()
+            if pgid is not None and not self._groupReaped:
+                if not _signalGroup(pgid, signal.SIGKILL if force else signal.SIGTERM):
+                    self._groupReaped = True  # empty group: never signal that id again
+        psutil = importPsutil()
         if psutil is None:
-            if self.popen is not None and self.popen.poll() is None:
-                self.popen.terminate()
             return
         self._rememberTree()
         for proc in self._aliveTree():
             try:
-                proc.terminate()
+                if force:
+                    proc.kill()
+                else:
+                    proc.terminate()
             except psutil.Error:
                 continue
+
+    def _terminateTree(self) -> None:
+        self._signalTree(force=False)
 
     def _killTree(self) -> None:
-        if psutil is None:
-            if self.popen is not None and self.popen.poll() is None:
-                self.popen.kill()
-            return
-        self._rememberTree()
-        for proc in self._aliveTree():
-            try:
-                proc.kill()
-            except psutil.Error:
-                continue
+        self._signalTree(force=True)
 
     def _killLeftovers(self) -> None:
-        """After a cancelled run ends, no descendant may outlive it."""
-        if psutil is None:
+        """After a cancelled run ends, no descendant may outlive it.
+
+        The child itself has exited; grandchildren (``python-real`` under the launcher,
+        loader workers) may not have. They get SIGTERM now and SIGKILL after a short grace
+        period, on a daemon thread, so the GUI thread never waits here.
+        """
+        if self.popen is None:
             return
-        ownPid = self.popen.pid if self.popen else -1
+        self._rememberTree()
+        ownPid = self.popen.pid
         leftovers = [p for p in self._aliveTree() if p.pid != ownPid]
-        if not leftovers:
+        pgid = self._groupId()
+        groupAlive = pgid is not None and not self._groupReaped and _groupAlive(pgid)
+        if not leftovers and not groupAlive:
+            self._groupReaped = True
             return
-        for proc in leftovers:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                continue
-        _, alive = psutil.wait_procs(leftovers, timeout=min(self.terminateGraceS, 3.0))
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                continue
-        psutil.wait_procs(alive, timeout=3.0)
+        self._signalTree(force=False)
+
+        def reap() -> None:
+            deadline = time.monotonic() + _LEFTOVER_GRACE_S
+            while time.monotonic() < deadline:
+                if not self._aliveTree() and not (groupAlive and _groupAlive(pgid)):
+                    return
+                time.sleep(0.05)
+            self._signalTree(force=True)
+
+        thread = threading.Thread(target=reap, name="MaskSAM-reaper", daemon=True)
+        self._reaper = thread
+        thread.start()
+
+    def waitForLeftovers(self, timeout: float = 10.0) -> bool:
+        """Blocking mode (tests, scripts): wait until the reaper of a cancelled run is done."""
+        if self._reaper is None:
+            return True
+        self._reaper.join(timeout)
+        return not self._reaper.is_alive()
 
     def treePids(self) -> list[int]:
         """Pids of the child and the descendants seen so far (for tests and diagnostics)."""

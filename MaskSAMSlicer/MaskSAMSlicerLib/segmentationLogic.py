@@ -66,7 +66,12 @@ def speedFlags(choice: str) -> list[str]:
 
 
 def registerSegmentationConverterRules() -> None:
-    """Register the four converter rules (the Slicer app does this; bare slicer-core does not)."""
+    """Register the four converter rules once (the Slicer app does this; slicer-core does not).
+
+    Rules already registered (by the application, or by an earlier call) are not added again.
+    The module never creates a ``vtkSlicerSegmentationsModuleLogic`` and gives it a scene: that
+    registers all four rules again each time. It uses the class's static methods instead.
+    """
     import slicer
 
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
@@ -341,10 +346,9 @@ class SegmentationLogic:
         class's name, colour and terminology. Values in the map that no label declares are
         left out and reported in ``warnings``.
         """
-        import vtk
-
         import slicer
         import slicer.util
+        import vtk
 
         scene = self.scene
         if self.needsReplaceConfirmation(outputSegmentationNode) and not replaceConfirmed:
@@ -395,15 +399,16 @@ class SegmentationLogic:
                 if terminology:
                     if hasattr(segment, "SetTerminology"):
                         segment.SetTerminology(str(terminology))
-                    else:  # Slicer < 5.8
+                    else:  # vtkSegment.SetTerminology is new in Slicer 5.10
                         segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
                                        str(terminology))
             labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__masksam_tmp__")
             slicer.util.updateVolumeFromArray(labelmapNode, consecutive)
             labelmapNode.CopyOrientation(referenceVolumeNode)
-            logic = slicer.vtkSlicerSegmentationsModuleLogic()
-            logic.SetMRMLScene(scene)
-            if not logic.ImportLabelmapToSegmentationNode(labelmapNode, newNode, segmentIds):
+            # The static method: a new vtkSlicerSegmentationsModuleLogic with SetMRMLScene
+            # would register the four converter rules again on every Apply.
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                    labelmapNode, newNode, segmentIds):
                 raise InputError("Slicer could not import the label map into segments.")
         except Exception:
             scene.RemoveNode(newNode)

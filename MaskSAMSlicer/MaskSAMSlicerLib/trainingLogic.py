@@ -8,6 +8,12 @@ auto-segmentations they corrected) in a working folder that survives Slicer sess
     FOLDER/labelsTr/case_0001.nrrd
     FOLDER/masksam-cases.json        manifest: label set, cases, where each came from
 
+Each class also keeps the colour and terminology of the segment it came from (the latest case
+added wins); when a model trained on these cases finishes, its ``config.json`` labels get them,
+so its auto-segmentations look and mean what the annotator chose. A segment still carrying
+Slicer's generic default terminology ("Tissue") does not replace the standard one that
+MaskSAMLib gives a known structure.
+
 Images are written with the volume's exact geometry and label maps on the very same grid
 (NRRD keeps the geometry in doubles, so nothing is rounded). Segments are matched to classes by
 name (case, spaces, '-' and '_' do not matter); a segment with a new name adds a class with the
@@ -64,6 +70,72 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+#: Slicer's default for a new segment ("Tissue" / "Tissue"): says nothing about the class.
+_GENERIC_TYPE_CODES = {"85756007"}
+
+
+def isTerminologyEntry(text: Any) -> bool:
+    """A Slicer terminology string: 7 '~' fields, category and type as 'SCHEME^VALUE^MEANING'."""
+    if not isinstance(text, str) or not text:
+        return False
+    fields = text.split("~")
+    if len(fields) != 7:
+        return False
+    codes = [fields[i].split("^") for i in (1, 2, 3, 5, 6)]
+    if any(len(code) != 3 for code in codes):
+        return False
+    return all(codes[0]) and all(codes[1])
+
+
+def isGenericTerminology(text: str | None) -> bool:
+    """True for no terminology or Slicer's default "Tissue" type (nothing the user chose)."""
+    if not isTerminologyEntry(text):
+        return True
+    return text.split("~")[2].split("^")[1] in _GENERIC_TYPE_CODES
+
+
+def segmentStyle(segment) -> dict[str, Any]:
+    """``{"color": [r, g, b] 0-255, "terminology": str | None}`` of a vtkSegment."""
+    import slicer
+
+    color = [int(round(max(0.0, min(1.0, float(c))) * 255)) for c in segment.GetColor()]
+    if hasattr(segment, "GetTerminology"):
+        terminology = segment.GetTerminology()
+    else:  # vtkSegment.GetTerminology is new in Slicer 5.10
+        import vtk
+
+        tag = vtk.reference("")
+        found = segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
+        terminology = str(tag) if found else ""
+    return {"color": color, "terminology": terminology if isTerminologyEntry(terminology)
+            else None}
+
+
+def applyClassStyles(labels: list[dict[str, Any]], styles: dict[str, dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+    """A model's labels with the annotator's colours and terminology (matched by name).
+
+    The colour always comes from the case; the terminology too, unless the case's segment had
+    none or only Slicer's generic default and the label already has one.
+    """
+    byKey = {normalizeClassName(name): style for name, style in styles.items()}
+    result = []
+    for lab in labels:
+        lab = dict(lab)
+        style = byKey.get(normalizeClassName(lab.get("name", "")))
+        if style is not None and int(lab.get("value", 0)) != 0:
+            color = style.get("color")
+            if (isinstance(color, list) and len(color) == 3
+                    and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
+                lab["color"] = list(color)
+            terminology = style.get("terminology")
+            if isTerminologyEntry(terminology) and not (
+                    isGenericTerminology(terminology) and lab.get("terminology")):
+                lab["terminology"] = terminology
+        result.append(lab)
+    return result
+
+
 class TrainingCaseStore:
     """Training cases from the scene, persisted as an nnU-Net dataset in ``folder``."""
 
@@ -86,6 +158,7 @@ class TrainingCaseStore:
             "modality": self.modality,
             "fileEnding": FILE_ENDING,
             "cases": [],
+            "classStyles": {},
         }
         if not self.manifestPath.is_file():
             return empty
@@ -130,6 +203,11 @@ class TrainingCaseStore:
 
     def classNames(self) -> list[str]:
         return [name for name, value in self.labels().items() if value != 0]
+
+    def classStyles(self) -> dict[str, dict[str, Any]]:
+        """``{className: {"color": [r, g, b], "terminology": str | None}}`` from the cases."""
+        styles = self._manifest.get("classStyles")
+        return dict(styles) if isinstance(styles, dict) else {}
 
     def _lookupClass(self, segmentName: str) -> str | None:
         key = normalizeClassName(segmentName)
@@ -242,10 +320,9 @@ class TrainingCaseStore:
         who corrected more adds it again). Files appear atomically; the manifest is written
         last, so a failure leaves the previous state.
         """
-        import vtk
-
         import slicer
         import slicer.util
+        import vtk
 
         volumeIO.checkScalarVolume(volumeNode, "training volume")
         if segmentationNode is None:
@@ -272,9 +349,9 @@ class TrainingCaseStore:
             segmentIds.InsertNextValue(segmentId)
         labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__masksam_export__")
         try:
-            logic = slicer.vtkSlicerSegmentationsModuleLogic()
-            logic.SetMRMLScene(scene)
-            ok = logic.ExportSegmentsToLabelmapNode(
+            # Static method: no module logic instance (its SetMRMLScene would register the
+            # converter rules again on every Add case).
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentationNode, segmentIds, labelmapNode, volumeNode,
                 slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
             )
@@ -322,6 +399,16 @@ class TrainingCaseStore:
             "size": list(volumeGeometry.size),
             "spacing": list(volumeGeometry.spacing),
         }
+        styles = self.classStyles()
+        segmentation = segmentationNode.GetSegmentation()
+        for segmentId, className in matched:
+            style = segmentStyle(segmentation.GetSegment(segmentId))
+            previous = styles.get(className, {})
+            if isGenericTerminology(style["terminology"]) and not isGenericTerminology(
+                    previous.get("terminology")):
+                style["terminology"] = previous["terminology"]  # keep a real earlier choice
+            styles[className] = style
+        self._manifest["classStyles"] = styles
         self._manifest["labels"] = labels
         if existing:
             self._manifest["cases"] = [entry if c["caseId"] == caseId else c
@@ -593,9 +680,37 @@ class TrainingLogic:
         stop = job.outputDir / STOP_FILE
         if stop.exists():
             stop.unlink()
+        self.applyCaseStyles(job.datasetDir, job.outputDir)
         if registry is not None:
             return registry.addModelDir(job.outputDir)
         return readModelDir(job.outputDir)
+
+    @staticmethod
+    def applyCaseStyles(datasetDir: str | os.PathLike, modelDir: str | os.PathLike) -> bool:
+        """Give a trained model the colours and terminology of its scene training cases.
+
+        ``config.json`` is rewritten atomically with only the labels' ``color`` and
+        ``terminology`` changed; a dataset folder without the case manifest (an nnU-Net
+        folder chosen by the user) changes nothing. Returns True when the file was rewritten.
+        """
+        manifest = Path(datasetDir) / MANIFEST_FILE
+        configPath = Path(modelDir) / "config.json"
+        if not manifest.is_file() or not configPath.is_file():
+            return False
+        try:
+            styles = json.loads(manifest.read_text(encoding="utf-8")).get("classStyles") or {}
+            config = json.loads(configPath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return False
+        labels = config.get("labels") if isinstance(config, dict) else None
+        if not styles or not isinstance(labels, list):
+            return False
+        updated = applyClassStyles(labels, styles)
+        if updated == labels:
+            return False
+        config["labels"] = updated
+        _atomicWriteText(configPath, json.dumps(config, indent=2) + "\n")
+        return True
 
     # ------------------------------------------------------------------ curves
     def createCurveNodes(self):
@@ -626,6 +741,26 @@ class TrainingLogic:
             series.SetColor(*color)
             self.chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
         return self.chartNode
+
+    def createPlotViewNode(self, ownerNode):
+        """A plot view node for the Train tab's own plot widget.
+
+        Its parent layout node is ``ownerNode`` (the module's parameter node): a view node
+        without one is taken over by the main layout, which then builds a hidden extra plot
+        widget for it. It is not saved with the scene (it only serves this panel).
+        """
+        import slicer
+
+        viewNode = slicer.vtkMRMLPlotViewNode()
+        viewNode.SetName("MaskSAM training plot view")
+        viewNode.SetLayoutName("MaskSAMTrainingPlot")
+        viewNode.SetSaveWithScene(False)
+        if ownerNode is not None:
+            viewNode.SetAndObserveParentLayoutNodeID(ownerNode.GetID())
+        viewNode = self.scene.AddNode(viewNode)
+        if self.chartNode is not None:
+            viewNode.SetPlotChartNodeID(self.chartNode.GetID())
+        return viewNode
 
     def updateCurveTables(self, curves: TrainingCurves) -> None:
         """Mirror the curves into the table nodes (no-op when they were not created)."""

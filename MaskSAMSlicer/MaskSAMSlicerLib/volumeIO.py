@@ -124,9 +124,8 @@ def ijkBoxFromRoi(roiNode, volumeNode) -> tuple[tuple[int, int], tuple[int, int]
     The ROI's world bounds are brought into the volume's local frame (through the volume's
     parent transform when it has a linear one) and clipped to the volume.
     """
-    import vtk
-
     import slicer
+    import vtk
 
     bounds = [0.0] * 6
     roiNode.GetRASBounds(bounds)

