@@ -65,6 +65,8 @@ class ModelInfo:
     sha256: str | None = None
     description: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    licence: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # bundled: file name -> SHA-256
 
     @property
     def available(self) -> bool:
@@ -268,11 +270,39 @@ class ModelRegistry:
         )
         os.replace(tmp, target)
 
+    def bundledModels(self) -> list[ModelInfo]:
+        """Models shipped with the extension (``bundledModels`` of models.json), each file
+        checked against its SHA-256; a damaged one is skipped and named in ``problems``."""
+        found = []
+        if self.registryFile is None:
+            return found
+        for entry in self.registry().get("bundledModels", []) or []:
+            if not isinstance(entry, dict) or not entry.get("name") or not entry.get("folder"):
+                continue
+            folder = (self.registryFile.parent / str(entry["folder"])).resolve()
+            files = {str(k): str(v) for k, v in (entry.get("files") or {}).items()}
+            try:
+                bad = [n for n, digest in files.items()
+                       if not (folder / n).is_file() or sha256OfFile(folder / n) != digest]
+                if bad:
+                    raise ModelError(f"The bundled model {entry['name']} is damaged ({bad[0]} does "
+                                     "not match its SHA-256); reinstall MaskSAMSlicer.")
+                info = readModelDir(folder, source="bundled")
+            except ModelError as exc:
+                self.problems.append(str(exc))
+                continue
+            info.name = str(entry["name"])
+            info.description = str(entry.get("description", ""))
+            info.licence = str(entry.get("licence", ""))
+            info.files = files
+            found.append(info)
+        return found
+
     def models(self) -> list[ModelInfo]:
-        """User models, added models, then registry entries not yet fetched."""
+        """Bundled models, user models, added models, then registry entries not yet fetched."""
         self.problems = []
-        found: list[ModelInfo] = []
-        seen: set[Path] = set()
+        found: list[ModelInfo] = self.bundledModels()
+        seen: set[Path] = {m.path.resolve() for m in found if m.path is not None}
         if self.userModelsDir.is_dir():
             for child in sorted(self.userModelsDir.iterdir()):
                 if not child.is_dir() or child.name.startswith("."):

@@ -390,8 +390,10 @@ class MaskSAMSlicerPanel(VTKObservationMixin):
                 "downloaded unless you click."
             )
         else:
+            shipped = (f"{model.description} Licence: {model.licence}. "
+                       if model.source == "bundled" else "")
             self.ui.modelInfoLabel.text = (
-                f"{len(model.classNames())} classes: {', '.join(model.classNames())}. "
+                f"{shipped}{len(model.classNames())} classes: {', '.join(model.classNames())}. "
                 f"Backbone: {model.backbone}. Folder: {model.path}"
             )
             _setSettingsValue("model", str(model.path))
