@@ -412,7 +412,10 @@ def is_masksam_file(path: str | os.PathLike) -> bool:
     lower = path.name.lower()
     if lower.endswith(".json"):
         data = _json_object(path)
-        return bool(data) and str(data.get("software", "")).startswith("MaskSAMLib")
+        if not data:
+            return False
+        older_report = {"format_version", "conventions", "cases", "mean"} <= set(data)
+        return older_report or str(data.get("software", "")).startswith("MaskSAMLib")
     if lower.endswith(".csv"):
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
