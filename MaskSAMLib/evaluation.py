@@ -453,6 +453,7 @@ def plan_report(
     before any work: neither may be an input (a prediction or reference), and an existing file
     is replaced only when it is an earlier MaskSAM report (never a user's file)."""
     out = Path(out)
+    check_output_path(out, inputs=list(inputs), overwrite=True, role="report")
     lower = out.name.lower()
     if lower.endswith(".json"):
         json_file, csv_file = out, out.with_name(out.name[:-5] + ".csv")
