@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         _report(argv, "Out of memory; use --fast, a smaller batch or another device.")
         return 1
+    except BrokenPipeError:
+        # The reader of stdout went away (`masksam ... --progress json | head -1`): stop quietly
+        # like any Unix tool, with no traceback and no second failure when Python flushes stdout.
+        _silence_stdout()
+        return 1
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         if debug:
             traceback.print_exc()
@@ -426,10 +431,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(argv: list[str], message: str) -> None:
-    if "--progress" in argv and "json" in argv:
-        Progress("json").error(" ".join(message.split()))
-    else:
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    try:
+        if "--progress" in argv and "json" in argv:
+            Progress("json").error(" ".join(message.split()))
+        else:
+            print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real stdout (tests): nothing to do
+        pass
 
 
 def entry_point() -> None:
