@@ -423,3 +423,37 @@ def test_inputs_that_are_not_images_get_a_correct_one_line_error(capsys, tmp_pat
                     tmp_path / "s.nii.gz")
     line = one_line(code, err, expected)
     assert "split it" not in line
+
+
+def _special(path: Path, kind: str) -> Path:
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    return path
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("where", ["train dataset.json", "init --labels", "evaluate --labels",
+                                   "train --split"])
+def test_special_files_are_refused_without_hanging(capsys, tmp_path, kind, where):
+    if where == "train dataset.json":
+        (tmp_path / "ds").mkdir()
+        _special(tmp_path / "ds" / "dataset.json", kind)
+        args = ["train", tmp_path / "ds", "--out", tmp_path / "run", "--backbone", "tiny"]
+    elif where == "init --labels":
+        args = ["init", "--backbone", "tiny", "--labels", _special(tmp_path / "l.json", kind),
+                "--out", tmp_path / "m"]
+    elif where == "evaluate --labels":
+        pred = _label_map(tmp_path / "p.nii.gz")
+        args = ["evaluate", pred, pred, "--labels", _special(tmp_path / "l.json", kind)]
+    else:
+        from MaskSAMLib.data.phantoms import make_phantoms
+
+        ds = make_phantoms(tmp_path / "ds", cases=2, seed=0, size=(16, 16, 16))
+        args = ["train", ds, "--out", tmp_path / "run", "--backbone", "tiny", "--split",
+                _special(tmp_path / "split.json", kind)]
+    code, err = run(capsys, *args)
+    one_line(code, err, "not a regular file")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "m").exists()
