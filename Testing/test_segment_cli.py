@@ -249,8 +249,9 @@ def test_competing_dicom_series_are_listed_and_chosen_by_uid(capsys, tmp_path, q
     assert code == 0, err
     assert sitk.ReadImage(str(out)).GetSize() == image.GetSize()
     out_dcm = tmp_path / "y.dcm"
-    code, _, err = run(capsys, "segment", tmp_path / "x.nii.gz", "--model", quick_model, "--out",
-                       out_dcm)
+    volume = tmp_path / "volume.nii.gz"  # an image, not the label map just written (refused)
+    sitk.WriteImage(image, str(volume), True)
+    code, _, err = run(capsys, "segment", volume, "--model", quick_model, "--out", out_dcm)
     assert_one_line_error(code, err, "DICOM SEG output needs a DICOM series input")
 
 
