@@ -1,12 +1,12 @@
 """Reliability round 2 (issue 13), sections 3-5: inputs that would be misplaced, wrong results
 reported as success, and errors that did not say what happened.
 
-Shared mechanisms: ``data/io.py`` (``check_series_geometry`` for DICOM stacks,
-``check_nrrd_directions``, ``check_grid``, ``nifti_nonfinite_voxels``,
-``refuse_unsupported_dicom``, ``quiet_native_stderr``), ``Geometry.__post_init__``,
-``labels.parse_labels``/``name_key``, ``ModelConfig.validate`` + ``modeling.build.check_weights``
-(both reported as "the model folder ... is damaged"), ``files.read_small_file`` and the CLI's
-BrokenPipe handling.
+Shared mechanisms: ``data/dicom_checks.py`` (``check_series_geometry``,
+``refuse_unsupported_dicom``, ``quiet_native_stderr``), ``data/header_checks.py``
+(``check_nrrd_directions``, ``check_grid``, ``nifti_nonfinite_voxels``),
+``Geometry.__post_init__``, ``labels.parse_labels``/``name_key``, ``ModelConfig.validate`` +
+``modeling.build.check_weights`` (both reported as "the model folder ... is damaged"),
+``files.read_small_file`` and the CLI's BrokenPipe handling.
 """
 
 from __future__ import annotations
