@@ -54,11 +54,12 @@ def read_label_file(path: str | Path) -> tuple[list, list[str] | None]:
     (background first) or a JSON object ``{name: value}``.
     """
     from .config import make_labels
+    from .files import read_small_file
     from .labels import parse_labels
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_small_file(path, max_bytes=64 << 20, what="Label file"))
     except FileNotFoundError as exc:
         raise MaskSAMError(f"Label file {path} does not exist; check the path.") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -74,6 +75,13 @@ def read_label_file(path: str | Path) -> tuple[list, list[str] | None]:
     if isinstance(raw, list):
         if not all(isinstance(n, str) for n in raw):
             raise MaskSAMError(f"{path}: a label list must hold names (strings).")
+        if not raw or raw[0].strip().lower() != "background":
+            shown = json.dumps(["background", *raw[:2]])
+            raise MaskSAMError(
+                f"{path}: a label list gives value 0 to its first name, which must be "
+                f"'background' (got {raw[:1]}); write {shown[:-1]}, ...] or a mapping "
+                '{"background": 0, "liver": 1, ...}.'
+            )
         raw = {name: value for value, name in enumerate(raw)}
     mapping = parse_labels(raw, source=str(path))
     names = sorted(mapping, key=mapping.__getitem__)
@@ -165,15 +173,17 @@ def _add_make_phantoms(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- evaluate
 def evaluate_entry(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_paths, format_table, write_report
+    from .evaluation import evaluate_paths, format_table, plan_report, write_report
 
     progress = _progress(args)
+    inputs = [args.pred, args.ref] + ([args.labels] if args.labels else [])
+    if args.out:
+        plan_report(args.out, inputs)  # before any work: never an input, never a user's file
     progress.start("evaluate")
     report = evaluate_paths(args.pred, args.ref, args.labels)
     written = None
     if args.out:
-        json_path = Path(args.out)
-        written = write_report(report, json_path)
+        written = write_report(report, Path(args.out), inputs=inputs)
     if progress.mode != "json":
         print(format_table(report))
     progress.done("Evaluation finished", output=str(written[0]) if written else None,
@@ -189,7 +199,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pred")
     p.add_argument("ref")
     p.add_argument("--labels", help="dataset.json (or model config labels) naming the classes")
-    p.add_argument("--out", help="report.json (a .csv is written next to it)")
+    p.add_argument("--out", help="NAME.json or NAME.csv: the report, written as both (side by "
+                                 "side); an existing file is replaced only if it is a MaskSAM "
+                                 "report")
     _common(p)
     p.set_defaults(func=evaluate_entry)
 
@@ -479,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         _report(argv, "Out of memory; use --fast, a smaller batch or another device.")
         return 1
+    except BrokenPipeError:
+        # The reader of stdout went away (`masksam ... --progress json | head -1`): stop quietly
+        # like any Unix tool, with no traceback and no second failure when Python flushes stdout.
+        _silence_stdout()
+        return 1
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         if debug:
             traceback.print_exc()
@@ -488,10 +505,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(argv: list[str], message: str) -> None:
-    if "--progress" in argv and "json" in argv:
-        Progress("json").error(" ".join(message.split()))
-    else:
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    try:
+        if "--progress" in argv and "json" in argv:
+            Progress("json").error(" ".join(message.split()))
+        else:
+            print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real stdout (tests): nothing to do
+        pass
 
 
 def entry_point() -> None:

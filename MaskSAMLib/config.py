@@ -136,18 +136,26 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise MaskSAMError for an inconsistent configuration."""
         b = self.backbone
+        if not isinstance(b, BackboneConfig) or not isinstance(self.labels, list) or not all(
+                isinstance(lab, LabelSpec) for lab in self.labels):
+            raise MaskSAMError("config.json: 'backbone' must be an object and 'labels' a list "
+                               "of {value, name, color} entries.")
         if b.name not in BACKBONES:
             raise MaskSAMError(
                 f"Unknown backbone {b.name!r}; choose one of {', '.join(BACKBONES)}."
             )
+        _check_numbers(self)
         if not self.labels or self.labels[0].value != 0:
             raise MaskSAMError("The label list must start with background (value 0).")
         values = [lab.value for lab in self.labels]
         if len(set(values)) != len(values):
             raise MaskSAMError(f"Label values must be unique, got {values}.")
         names = [lab.name for lab in self.labels]
-        if len(set(names)) != len(names):
-            raise MaskSAMError(f"Label names must be unique, got {names}.")
+        from .labels import name_key
+
+        if len({name_key(n) for n in names}) != len(names):
+            raise MaskSAMError(f"Label names must be unique (ignoring case and spaces), got "
+                               f"{names}.")
         if self.num_queries == 0:
             self.num_queries = derive_num_queries(len(self.labels))
         if self.num_queries < len(self.labels):
@@ -218,9 +226,11 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
+        from .files import read_small_file
+
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_small_file(path, max_bytes=16 << 20, what="config.json").decode("utf-8")
         except FileNotFoundError as exc:
             raise MaskSAMError(f"{path} is missing; this is not a MaskSAM model folder.") from exc
         except (OSError, UnicodeDecodeError) as exc:
@@ -248,6 +258,58 @@ RECIPES: dict[str, dict[str, Any]] = {
         "prompt_generator_depth_kernel": 1,
     },
 }
+
+
+# Plausible ranges of the numbers a config holds: anything outside is a damaged or hand-edited
+# config.json, refused in one line instead of failing deep inside the network or allocating
+# absurd amounts of memory.
+_LIMITS = {
+    "img_size": (16, 4096), "num_slices": (1, 64), "num_queries": (0, 1024),
+    "in_channels": (1, 16), "adapter_reduction": (1, 1024),
+}
+_BACKBONE_LIMITS = {
+    "embed_dim": (1, 8192), "depth": (1, 256), "num_heads": (1, 256), "window_size": (0, 1024),
+    "patch_size": (1, 64), "geometry": (16, 8192), "prompt_embed_dim": (1, 4096),
+    "decoder_mlp_dim": (1, 65536), "decoder_num_heads": (1, 256), "decoder_depth": (1, 64),
+}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(config: ModelConfig) -> None:
+    """Types and ranges of every number in ``config`` (MaskSAMError naming the field)."""
+    checks = [(name, getattr(config, name), *limits) for name, limits in _LIMITS.items()]
+    checks += [(f"backbone.{name}", getattr(config.backbone, name), *limits)
+               for name, limits in _BACKBONE_LIMITS.items()]
+    for name, value, low, high in checks:
+        if not _whole(value) or not low <= value <= high:
+            raise MaskSAMError(f"config.json: {name} must be a whole number from {low} to "
+                               f"{high}, got {value!r}.")
+    b = config.backbone
+    for name in ("global_attn_indexes", "feature_indexes"):
+        values = getattr(b, name)
+        if not isinstance(values, list) or not all(_whole(v) and 0 <= v < b.depth
+                                                   for v in values):
+            raise MaskSAMError(f"config.json: backbone.{name} must list block numbers 0 to "
+                               f"{b.depth - 1}, got {values!r}.")
+    if b.embed_dim % b.num_heads or b.prompt_embed_dim % b.decoder_num_heads:
+        raise MaskSAMError("config.json: embed_dim (prompt_embed_dim) must be a multiple of "
+                           "num_heads (decoder_num_heads).")
+    channels = config.prompt_generator_channels
+    if not isinstance(channels, list) or not channels or not all(
+            _whole(c) and 1 <= c <= 8192 for c in channels):
+        raise MaskSAMError(f"config.json: prompt_generator_channels must list positive whole "
+                           f"numbers, got {channels!r}.")
+    for lab in config.labels:
+        if not _whole(lab.value) or not 0 <= lab.value < 65536:
+            raise MaskSAMError(f"config.json: label {lab.name!r} has value {lab.value!r}; "
+                               "label values are whole numbers 0-65535.")
+        if not isinstance(lab.name, str) or not lab.name.strip():
+            raise MaskSAMError(f"config.json: label value {lab.value} has no name.")
+    if not isinstance(config.preprocessing, dict) or not isinstance(config.provenance, dict):
+        raise MaskSAMError("config.json: 'preprocessing' and 'provenance' must be objects.")
 
 
 def make_model_config(

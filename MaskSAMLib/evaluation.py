@@ -34,8 +34,16 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from . import __version__
 from .errors import MaskSAMError
-from .files import atomic_write_text
+from .files import (
+    atomic_write_text,
+    check_output_path,
+    check_writable_folder,
+    incomplete_nifti,
+    publish_together,
+    read_small_file,
+)
 from .labels import parse_labels
 
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -168,10 +176,12 @@ def default_labels(values: Sequence[int] | np.ndarray) -> dict[str, int]:
 
 
 def load_labels(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, int]:
-    """Label name -> value from a mapping, a ``dataset.json`` or a folder holding one.
+    """Label name -> value from a mapping, a ``dataset.json``, a model's ``config.json`` or a
+    folder holding one of them (a dataset or a model folder).
 
-    A ``dataset.json`` must declare ``background`` as 0 (nnU-Net's rule); region-based labels
-    (lists/tuples of values) are refused.
+    ``labels`` may be nnU-Net's ``{"background": 0, "liver": 1}``, MSD's
+    ``{"0": "background", "1": "liver"}`` or a model config's list of ``{"value", "name"}``.
+    Background 0 is required; region-based labels (lists/tuples of values) are refused.
     """
     where = "the labels"
     if isinstance(source, Mapping):
@@ -179,18 +189,25 @@ def load_labels(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, int]
     else:
         path = Path(source)
         if path.is_dir():
-            path = path / "dataset.json"
+            candidates = [path / "dataset.json", path / "config.json"]
+            path = next((c for c in candidates if c.is_file()), candidates[0])
         where = str(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8")).get("labels")
+            data = json.loads(read_small_file(path, max_bytes=64 << 20, what="Label file"))
         except FileNotFoundError:
-            raise MaskSAMError(f"Label file {path} not found; pass a dataset.json.") from None
-        except (OSError, ValueError, AttributeError) as exc:
+            raise MaskSAMError(f"Label file {path} not found; pass a dataset.json or a model's "
+                               "config.json.") from None
+        except (OSError, ValueError) as exc:
             raise MaskSAMError(f"Cannot read labels from {path}: {exc}.") from None
+        raw = data.get("labels") if isinstance(data, Mapping) else None
+        if isinstance(raw, list) and all(isinstance(e, Mapping) for e in raw):  # a model config
+            try:
+                raw = {str(e["name"]): e["value"] for e in raw}
+            except KeyError:
+                raw = None
         if not isinstance(raw, Mapping):
-            raise MaskSAMError(f'{path} has no "labels" mapping like {{"background": 0, ...}}.')
-        if raw.get("background") != 0:
-            raise MaskSAMError(f'{path} must declare "background": 0 in its labels.')
+            raise MaskSAMError(f'{path} has no "labels" mapping like {{"background": 0, ...}} '
+                               "(a dataset.json) or label list (a model's config.json).")
     return {str(k): v for k, v in parse_labels(dict(raw), source=where).items()}
 
 
@@ -237,6 +254,9 @@ def _check_same_grid(pred: sitk.ImageFileReader, ref: sitk.ImageFileReader) -> N
 
 def _read_labels(reader: sitk.ImageFileReader) -> np.ndarray:
     path = reader.GetFileName()
+    problem = incomplete_nifti(Path(path))  # ITK would zero-fill the missing voxels
+    if problem:
+        raise MaskSAMError(f"{path} is truncated or corrupt ({problem}); export it again.")
     try:
         array = sitk.GetArrayFromImage(reader.Execute())
     except RuntimeError:
@@ -391,6 +411,7 @@ def _report(
         })  # fmt: skip
     return {
         "format_version": 1,
+        "software": f"MaskSAMLib {__version__}",
         "prediction": str(pred),
         "reference": str(ref),
         "labels": {"background": 0, **scored},
@@ -425,16 +446,48 @@ def report_csv(report: Mapping[str, Any]) -> str:
     return out.getvalue()
 
 
+def plan_report(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()
+) -> tuple[Path, Path]:
+    """The report's two files (JSON and CSV) for ``--out NAME.json`` or ``NAME.csv``, checked
+    before any work: neither may be an input (a prediction or reference), and an existing file
+    is replaced only when it is an earlier MaskSAM report (never a user's file)."""
+    out = Path(out)
+    check_output_path(out, inputs=list(inputs), overwrite=True, role="report")
+    lower = out.name.lower()
+    if lower.endswith(".json"):
+        json_file, csv_file = out, out.with_name(out.name[:-5] + ".csv")
+    elif lower.endswith(".csv"):
+        json_file, csv_file = out.with_name(out.name[:-4] + ".json"), out
+    else:
+        raise MaskSAMError(f"--out {out}: name the report NAME.json or NAME.csv (both are "
+                           "written, side by side).")
+    if not out.parent.is_dir():
+        raise MaskSAMError(f"Cannot write {out}: the folder {out.parent} does not exist.")
+    for path, role in ((json_file, "JSON report"), (csv_file, "CSV report")):
+        check_output_path(path, inputs=list(inputs), overwrite=True, role=role)
+    check_writable_folder(out.parent)
+    return json_file, csv_file
+
+
 def write_report(
     report: Mapping[str, Any],
     json_path: str | os.PathLike,
     csv_path: str | os.PathLike | None = None,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> tuple[Path, Path]:
-    """Write the report as JSON and CSV (default: the JSON path with ``.csv``), atomically."""
-    json_file = Path(json_path)
-    csv_file = Path(csv_path) if csv_path is not None else json_file.with_suffix(".csv")
-    atomic_write_text(json_file, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(csv_file, report_csv(report))
+    """Write the report as JSON and CSV (default: the JSON path with ``.csv``) as one set.
+
+    Checked as :func:`plan_report` does; both files are published together.
+    """
+    json_file, csv_file = plan_report(json_path, inputs)
+    if csv_path is not None:
+        csv_file = Path(csv_path)
+        check_output_path(csv_file, inputs=list(inputs), overwrite=True, role="CSV report")
+    with publish_together():
+        atomic_write_text(json_file, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(csv_file, report_csv(report))
     return json_file, csv_file
 
 

@@ -9,13 +9,16 @@ place; a directory is written as a temporary sibling and renamed; checkpoints lo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import hashlib
 import os
 import shutil
 import signal
+import stat
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import MaskSAMError
@@ -104,6 +107,10 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         if not tmp.exists():
             raise MaskSAMError(f"Nothing was written for {target}.")
         _fsync_file(tmp)
+        pending = _PENDING.get()
+        if pending is not None:  # inside publish_together(): renamed with the rest of the set
+            pending.append((tmp, target))
+            return
         fault_point("write:before_rename", target)
         os.replace(tmp, target)
     except OSError as exc:
@@ -112,6 +119,40 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+_PENDING: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
+    "masksam_pending_publish", default=None)
+
+
+@contextlib.contextmanager
+def publish_together() -> Iterator[None]:
+    """Publish an output set as one: every :func:`atomic_path` write inside the block (label
+    map, sidecar, report and its CSV) goes to its temporary file; only when the whole block
+    succeeded are they renamed into place, one right after the other. On any failure (a full
+    disk or a size limit on the last file, an interrupt) every temporary is removed and no file
+    of the set is replaced, so a rerun finds the previous set, or none, intact.
+    """
+    pending: list[tuple[Path, Path]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _target in pending:
+            _remove_quietly(tmp)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for index, (tmp, target) in enumerate(pending):
+        try:
+            fault_point("write:before_rename", target)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            for left, _ in pending[index:]:
+                _remove_quietly(left)
+            if isinstance(exc, OSError):
+                _raise_os_error(exc, target)
+            raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
@@ -281,6 +322,200 @@ def incomplete_nifti(path: Path, *, size_only: bool = False) -> str | None:
     if length < expected:
         return f"the file holds {length} of the {expected} bytes its header describes"
     return None
+
+
+# --- output safety: what may be written where -------------------------------------------------
+
+
+def read_small_file(path: str | os.PathLike, *, max_bytes: int, what: str) -> bytes:
+    """The bytes of a small regular file (a JSON config, a label list), refusing what is not one.
+
+    A FIFO would block ``open`` forever and a link to ``/dev/zero`` reads until memory runs out:
+    only a regular file of at most ``max_bytes`` is read. ``what`` names the file in errors.
+    """
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise MaskSAMError(f"Cannot read {what} {path} ({exc.strerror or exc}).") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise MaskSAMError(
+            f"{what} {path} is not a regular file (a FIFO, a device or a socket); point to the "
+            "real file."
+        )
+    if info.st_size > max_bytes:
+        raise MaskSAMError(
+            f"{what} {path} is {info.st_size:,} bytes, more than the {max_bytes:,} such a file "
+            "can hold; is it the right file?"
+        )
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # swapped after the stat
+            raise MaskSAMError(f"{what} {path} is not a regular file; point to the real file.")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise MaskSAMError(f"{what} {path} is larger than {max_bytes:,} bytes; is it the right "
+                           "file?")
+    return data
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return _resolved(a) == _resolved(b)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        _resolved(path).relative_to(_resolved(folder))
+    except ValueError:
+        return False
+    return True
+
+
+#: Written into every label map's header (ITK_FileNotes: NIfTI ``descrip``, NRRD/MHA field) so
+#: ``--overwrite`` can tell MaskSAM's own outputs from a user's files.
+LABEL_MAP_MARKER = "MaskSAMLib label map"
+_CSV_MARKER = "case,label,value,dice,hd95_mm,"
+_MAX_JSON_BYTES = 64 << 20
+
+
+def _json_object(path: Path) -> dict | None:
+    import json
+
+    try:
+        data = json.loads(read_small_file(path, max_bytes=_MAX_JSON_BYTES, what="JSON file"))
+    except (OSError, ValueError, MaskSAMError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_masksam_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is recognisably a file MaskSAM wrote (the only kind it ever replaces).
+
+    JSON sidecars and reports carry ``"software": "MaskSAMLib ..."``; evaluation CSVs start with
+    their fixed header; label maps carry :data:`LABEL_MAP_MARKER` in their header (older ones
+    are recognised by their MaskSAM sidecar naming them); DICOM SEG objects name MaskSAM as
+    their manufacturer model.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    lower = path.name.lower()
+    if lower.endswith(".json"):
+        data = _json_object(path)
+        if not data:
+            return False
+        older_report = {"format_version", "conventions", "cases", "mean"} <= set(data)
+        return older_report or str(data.get("software", "")).startswith("MaskSAMLib")
+    if lower.endswith(".csv"):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                return handle.readline(200).startswith(_CSV_MARKER)
+        except OSError:
+            return False
+    if lower.endswith(".dcm"):
+        try:
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+                "ManufacturerModelName", "Modality"])
+        except Exception:  # noqa: BLE001 - not readable as DICOM: not ours
+            return False
+        return ds.get("Modality") == "SEG" and ds.get("ManufacturerModelName") == "MaskSAM"
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if reader.HasMetaDataKey("ITK_FileNotes") and reader.GetMetaData(
+                "ITK_FileNotes").startswith(LABEL_MAP_MARKER):
+            return True
+    except RuntimeError:
+        return False
+    stem, _ = split_extension(path)
+    if stem.lower().endswith(".seg"):
+        stem = stem[:-4]
+    sidecar = _json_object(Path(stem + ".json"))
+    return bool(sidecar) and str(sidecar.get("software", "")).startswith("MaskSAMLib") and (
+        Path(str(sidecar.get("output", ""))).name == path.name)
+
+
+def check_output_path(
+    target: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    protected: Sequence[str | os.PathLike] = (),
+    overwrite: bool,
+    ours: Callable[[Path], bool] = is_masksam_file,
+    role: str = "output",
+) -> bool:
+    """The one rule for every file MaskSAM writes, checked before any work.
+
+    Refused: ``target`` is one of the ``inputs`` (same file, links included) or lies inside a
+    ``protected`` folder (a model folder); ``target`` exists but was not written by MaskSAM
+    (``ours(target)`` is False), with or without ``overwrite``; ``target`` exists without
+    ``overwrite``. Returns whether ``target`` exists (and may be replaced).
+    """
+    path = Path(target)
+    for source in inputs:
+        source = Path(source)
+        if (source.is_file() and path.exists() and _same_file(path, source)) or (
+            _resolved(path) == _resolved(source)
+        ):
+            raise MaskSAMError(
+                f"The {role} {path} is an input of this command; it is never replaced: choose "
+                "another output name (nothing was written)."
+            )
+    for folder in protected:
+        if Path(folder).is_dir() and _inside(path, folder):
+            raise MaskSAMError(
+                f"The {role} {path} would land inside the model folder {folder}; write outputs "
+                "elsewhere (nothing was written)."
+            )
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if path.is_dir() or not ours(path):
+        raise MaskSAMError(
+            f"{path} ({role}) already exists and was not written by MaskSAM; it is never "
+            "replaced: choose another output name or move that file away (nothing was written)."
+        )
+    if not overwrite:
+        raise MaskSAMError(f"{path} ({role}) already exists; pass --overwrite to replace it.")
+    return True
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """Refuse (one line, before any work) a folder that files cannot be created in.
+
+    ``folder`` may not exist yet (a batch output folder): then its parent must be writable.
+    A probe file is created and removed, which also catches read-only mounts and ACLs.
+    """
+    folder = Path(folder)
+    probe_in = folder if folder.is_dir() else folder.parent
+    if not probe_in.is_dir():
+        raise MaskSAMError(f"Cannot write to {folder}: the folder {probe_in} does not exist.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".masksam-probe-", dir=probe_in)
+    except OSError as exc:
+        reason = ("permission denied or a read-only file system"
+                  if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                  else exc.strerror or str(exc))
+        raise MaskSAMError(
+            f"Cannot write to the folder {probe_in} ({reason}); choose a folder you can write "
+            "to (nothing was done)."
+        ) from exc
+    os.close(fd)
+    _remove_quietly(Path(name))
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

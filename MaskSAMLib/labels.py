@@ -18,6 +18,11 @@ def as_int(value: Any) -> int | None:
     return None
 
 
+def name_key(name: str) -> str:
+    """What makes two class names the same to a reader: case and spacing ignored."""
+    return " ".join(str(name).split()).casefold()
+
+
 def parse_labels(raw: Any, source: str, *, require_background: bool = True) -> dict[str, int]:
     """``{name: value}`` from nnU-Net ``{name: value}`` or MSD ``{"value": name}`` form.
 
@@ -39,6 +44,7 @@ def parse_labels(raw: Any, source: str, *, require_background: bool = True) -> d
         else [(str(k), as_int(v)) for k, v in raw.items()]
     )
     labels: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for name, value in pairs:
         if value is None or not 0 <= value < 65536:
             raise MaskSAMError(
@@ -46,6 +52,13 @@ def parse_labels(raw: Any, source: str, *, require_background: bool = True) -> d
             )
         if not name.strip() or name in labels:
             raise MaskSAMError(f"{source}: label name '{name}' is empty or repeated.")
+        key = name_key(name)
+        if key in seen:
+            raise MaskSAMError(
+                f"{source}: label names '{seen[key]}' and '{name}' differ only in spaces or "
+                "case, so they would show as one segment name; rename one of them."
+            )
+        seen[key] = name
         if value in labels.values():
             raise MaskSAMError(f"{source}: label value {value} is used twice; fix 'labels'.")
         labels[name] = value

@@ -133,14 +133,23 @@ def test_label_map_formats_keep_the_input_grid(capsys, tmp_path, quick_model, ca
 def test_existing_output_needs_overwrite(capsys, tmp_path, quick_model, cases):
     source = cases / "case1_0000.nii.gz"
     out = tmp_path / "result.nrrd"
-    out.write_bytes(b"keep me")
+    code, _, err = run(capsys, "segment", source, "--model", quick_model, "--out", out, "--fast")
+    assert code == 0, err
+    first = out.read_bytes()
     code, _, err = run(capsys, "segment", source, "--model", quick_model, "--out", out)
     assert_one_line_error(code, err, "already exists", "--overwrite")
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == first
     code, _, err = run(capsys, "segment", source, "--model", quick_model, "--out", out,
                        "--overwrite", "--fast")
     assert code == 0, err
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(source)).GetSize()
+    # A file MaskSAM did not write is never replaced, not even with --overwrite.
+    foreign = tmp_path / "mine.nrrd"
+    foreign.write_bytes(b"keep me")
+    code, _, err = run(capsys, "segment", source, "--model", quick_model, "--out", foreign,
+                       "--overwrite", "--fast")
+    assert_one_line_error(code, err, "not written by MaskSAM")
+    assert foreign.read_bytes() == b"keep me"
 
 
 def test_progress_json_events_on_stdout_only(capsys, tmp_path, quick_model, cases):
@@ -240,8 +249,9 @@ def test_competing_dicom_series_are_listed_and_chosen_by_uid(capsys, tmp_path, q
     assert code == 0, err
     assert sitk.ReadImage(str(out)).GetSize() == image.GetSize()
     out_dcm = tmp_path / "y.dcm"
-    code, _, err = run(capsys, "segment", tmp_path / "x.nii.gz", "--model", quick_model, "--out",
-                       out_dcm)
+    volume = tmp_path / "volume.nii.gz"  # an image, not the label map just written (refused)
+    sitk.WriteImage(image, str(volume), True)
+    code, _, err = run(capsys, "segment", volume, "--model", quick_model, "--out", out_dcm)
     assert_one_line_error(code, err, "DICOM SEG output needs a DICOM series input")
 
 

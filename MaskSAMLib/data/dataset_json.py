@@ -65,10 +65,15 @@ class DatasetSpec:
 
 
 def _read_json(path: Path) -> Any:
-    if not path.is_file():
+    from ..files import read_small_file
+
+    if not (path.exists() or path.is_symlink()):
         raise MaskSAMError(f"{path} does not exist; a dataset folder needs a dataset.json.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
+    try:  # a regular file of sane size only: a FIFO would hang, /dev/zero exhaust memory
+        return json.loads(read_small_file(path, max_bytes=64 << 20, what="dataset.json"))
+    except FileNotFoundError:
+        raise MaskSAMError(f"{path} does not exist; a dataset folder needs a dataset.json.") \
+            from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MaskSAMError(f"{path} is not valid JSON ({exc}); fix the file.") from exc
 

@@ -44,9 +44,22 @@ class Geometry:
         direction = tuple(float(v) for v in self.direction)
         if len(direction) != 9:
             raise ValueError(f"direction must have 9 values, got {len(direction)}")
+        spacing = _triple(self.spacing, "spacing")
+        origin = _triple(self.origin, "origin")
+        if any(s < 0 for s in size):
+            raise ValueError(f"size must not be negative, got {size}")
+        if not all(np.isfinite(v) and v > 0 for v in spacing):
+            raise ValueError(f"spacing must be positive and finite (mm), got {spacing}")
+        if not all(np.isfinite(v) for v in origin + direction):
+            raise ValueError("origin and direction must be finite numbers")
+        matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+        norms = np.linalg.norm(matrix, axis=0)
+        if np.any(norms < 1e-6) or abs(np.linalg.det(matrix / norms)) < 1e-6:
+            raise ValueError(f"direction {direction} is singular (a zero or repeated axis); "
+                             "its columns must be three independent unit vectors")
         object.__setattr__(self, "size", size)
-        object.__setattr__(self, "spacing", _triple(self.spacing, "spacing"))
-        object.__setattr__(self, "origin", _triple(self.origin, "origin"))
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", origin)
         object.__setattr__(self, "direction", direction)
 
     # -- conversions -------------------------------------------------------------------------

@@ -17,7 +17,15 @@ import SimpleITK as sitk
 
 from ..errors import MaskSAMError
 from ..files import incomplete_nifti
+from .dicom_checks import (
+    COMPRESSED_SYNTAXES,
+    check_series_geometry,
+    quiet_native_stderr,
+    refuse_unsupported_dicom,
+    transfer_syntax,
+)
 from .geometry import Geometry, Volume
+from .header_checks import check_grid, check_nrrd_directions, nifti_nonfinite_voxels
 from .writers import LABEL_EXTENSIONS, write_label_map, write_volume
 
 __all__ = [
@@ -158,16 +166,28 @@ def read_image_info(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VO
     problem = incomplete_nifti(info.path, size_only=True)  # before allocating the pixels
     if problem:
         raise MaskSAMError(f"{info.path} is truncated or corrupt ({problem}); export it again.")
+    check_grid(str(info.path), info.size, info.spacing, info.direction)
     return info
+
+
+def _nonfinite_message(name: str, bad: int) -> str:
+    return (f"{name} contains NaN or Inf values in {bad:,} voxels; replace them (e.g. with 0 or "
+            "the background value) and save the volume again.")
 
 
 def _check_finite(name: str, array: np.ndarray) -> None:
     if np.issubdtype(array.dtype, np.floating):
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
+            raise MaskSAMError(_nonfinite_message(name, bad))
+    if array.size and array.dtype.itemsize > 4 and array.dtype.kind in "fiu":
+        limit = float(np.finfo(np.float32).max)
+        low, high = float(array.min()), float(array.max())
+        if max(-low, high) > limit:
             raise MaskSAMError(
-                f"{name} contains NaN or Inf values in {bad:,} voxels; replace them (e.g. with 0 "
-                "or the background value) and save the volume again."
+                f"{name} holds values up to {max(-low, high):.3g}, beyond the float32 range "
+                f"(±{limit:.3g}) MaskSAM computes in; clip or rescale the volume and save it "
+                "again."
             )
 
 
@@ -181,7 +201,8 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
     """Read one 3D scalar volume file: header checks, then pixels; NaN/Inf refused.
 
     Returns a :class:`Volume` whose array is ``(z, y, x)`` in the file's own pixel type.
-    (ITK's NIfTI reader already replaces non-finite voxels by 0; NRRD/MHA/DICOM keep them.)
+    (ITK's NIfTI reader replaces non-finite voxels by 0, so a float NIfTI's raw data is checked
+    first; NRRD/MHA/DICOM keep them and the array is checked.)
     """
     info = read_image_info(path, max_voxels=max_voxels)
     if info.path.name.lower().endswith(".nii.gz"):
@@ -190,6 +211,10 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
             raise MaskSAMError(
                 f"{info.path} is truncated or corrupt ({problem}); export it again."
             )
+    if "float" in info.pixel_type.lower():
+        bad = nifti_nonfinite_voxels(info.path)  # ITK's reader would turn them into 0
+        if bad:
+            raise MaskSAMError(_nonfinite_message(str(info.path), bad))
     try:
         image = sitk.ReadImage(str(info.path))
     except RuntimeError as exc:
@@ -225,7 +250,8 @@ def _series_description(first_file: str) -> str:
     reader.SetFileName(first_file)
     try:
         reader.LoadPrivateTagsOff()
-        reader.ReadImageInformation()
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
         if reader.HasMetaDataKey("0008|103e"):
             return reader.GetMetaData("0008|103e").strip()
     except RuntimeError:
@@ -244,8 +270,12 @@ def list_dicom_series(folder: str | os.PathLike, *, recursive: bool = True) -> l
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" per folder
     try:
         for directory in sorted(directories):
-            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)) or ():
-                files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), uid))
+            with quiet_native_stderr():
+                uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)) or ()
+            for uid in uids:
+                with quiet_native_stderr():
+                    files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory),
+                                                                                uid))
                 known = series.get(uid)
                 if files and (known is None or len(files) > known.num_slices):
                     series[uid] = DicomSeries(uid, directory, files, _series_description(files[0]))
@@ -300,15 +330,15 @@ def read_dicom_series(
         _check_header(
             name, 3, claimed, first.components, first.pixel_type, max_voxels, is_dicom=True
         )
+    check_series_geometry(name, series.files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
+    reader.MetaDataDictionaryArrayUpdateOff()
     try:
-        image = reader.Execute()
+        with quiet_native_stderr() as noise:
+            image = reader.Execute()
     except RuntimeError as exc:
-        raise MaskSAMError(
-            f"{name} could not be read ({' '.join(str(exc).split())[-160:]}); check the files "
-            "are complete and belong to one series."
-        ) from exc
+        raise _series_error(name, series, exc, noise) from exc
     _check_header(
         name,
         image.GetDimension(),
@@ -320,16 +350,37 @@ def read_dicom_series(
     return _volume_from_image(name, image)
 
 
+def _series_error(
+    name: str, series: DicomSeries, exc: Exception, noise: list[str]
+) -> MaskSAMError:
+    syntax = transfer_syntax(series.files[0])
+    decoder = f" (the decoder said: {noise[0][:80]})" if noise else ""
+    if syntax in COMPRESSED_SYNTAXES:
+        return MaskSAMError(
+            f"{name}: the {COMPRESSED_SYNTAXES[syntax]}-compressed pixel data could not be decoded"
+            f"{decoder}; decompress the series (e.g. gdcmconv --raw or dcmdjpeg) or convert it "
+            "with dcm2niix, then try again."
+        )
+    detail = " ".join(str(exc).split()).split("ERROR:")[-1].strip()[-160:]
+    return MaskSAMError(
+        f"{name} could not be read ({detail}){decoder}; check the files are complete and belong "
+        "to one series."
+    )
+
+
 def read_image_info_unchecked(path: str | os.PathLike) -> ImageInfo:
     """Header of any SimpleITK-readable file, without the 3D checks (errors still one-line)."""
     path = Path(path)
     _require_file(path)
+    check_nrrd_directions(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _reader_error(path, exc) from exc
+    refuse_unsupported_dicom(str(path), reader)
     return ImageInfo(
         path=path,
         dimension=reader.GetDimension(),

@@ -238,8 +238,11 @@ class _BatchDataset(Dataset):
 
 
 def _ignore_sigint(_: int) -> None:
-    # Loader workers leave Ctrl-C to the main process, which saves a checkpoint and exits.
+    # Loader workers leave Ctrl-C and SIGTERM to the main process, which saves a checkpoint
+    # and exits 130 (timeout, Slurm and systemd signal the whole process group: a worker that
+    # died of it first made the run fail without a checkpoint). They exit with the main process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import MaskSAMError
-from ..files import atomic_path, write_image
+from ..files import LABEL_MAP_MARKER, atomic_path, write_image
 from .geometry import Geometry
 
 #: Label map outputs chosen by extension (``.seg.nrrd`` adds Slicer's segment metadata).
@@ -242,6 +242,7 @@ def write_label_map(
     _require_parent(path)
     labels_array = _as_label_array(array)
     image = geometry.to_sitk(labels_array)
+    image.SetMetaData("ITK_FileNotes", LABEL_MAP_MARKER)  # so --overwrite knows it is ours
     if ext == ".seg.nrrd":
         for key, value in segmentation_metadata(labels_array, geometry, labels).items():
             image.SetMetaData(key, value)

@@ -22,13 +22,14 @@ from ..data.io import (
     DEFAULT_MAX_VOXELS,
     DicomSeries,
     list_dicom_series,
+    quiet_native_stderr,
     read_dicom_series,
     read_image_info,
     read_image_info_unchecked,
     read_volume,
 )
 from ..errors import MaskSAMError
-from ..files import split_extension
+from ..files import is_masksam_file, split_extension
 from .budget import pixel_bytes
 from .predictor import PredictOptions, Predictor
 
@@ -53,7 +54,21 @@ def is_image_file(path: Path) -> bool:
     name = path.name.lower()
     if name.startswith(".") or ".tmp-" in name or name.endswith(".seg.nrrd"):
         return False  # hidden, an unfinished temporary, or a segmentation (an output)
-    return path.is_file() and name.endswith(IMAGE_EXTENSIONS)
+    if not (path.is_file() and name.endswith(IMAGE_EXTENSIONS)):
+        return False
+    return not is_masksam_file(path)  # an earlier output of ours is not an input
+
+
+def refuse_segmentation_input(path: Path) -> None:
+    """An explicit input that is a segmentation, not an image: a Slicer ``.seg.nrrd`` or a label
+    map MaskSAM wrote (its header marker), which would otherwise be "segmented" like a CT."""
+    name = path.name.lower()
+    if name.endswith(".seg.nrrd"):
+        raise MaskSAMError(f"{path} is a segmentation (.seg.nrrd), not an image; pass the image "
+                           "volume it belongs to.")
+    if name.endswith(IMAGE_EXTENSIONS) and is_masksam_file(path):
+        raise MaskSAMError(f"{path} is a label map written by MaskSAM, not an image; pass the "
+                           "image volume it was made from.")
 
 
 def case_id_of(path: Path) -> str:
@@ -112,6 +127,7 @@ def discover_cases(inputs: Sequence[str | Path], channels: int) -> tuple[list[Ca
             else:
                 cases.append(CaseInput(case_id_of(path), [path], dicom=True))
         else:
+            refuse_segmentation_input(path)
             files.append(path)
     if channels > 1 and any(c.dicom for c in cases):
         raise MaskSAMError(f"The model takes {channels} channels; pass one image file per "
@@ -136,7 +152,8 @@ def _dicom_geometry(series: DicomSeries) -> tuple[Geometry, int]:
     positions = []
     for name in (series.files[0], series.files[-1]):
         reader.SetFileName(name)
-        reader.ReadImageInformation()
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
         if reader.HasMetaDataKey("0020|0032"):
             positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
     if len(positions) == 2 and series.num_slices > 1:

@@ -68,8 +68,9 @@ class SegmentSummary:
 
 def _memory_budget(request: SegmentRequest) -> int | None:
     if request.memory_budget_gb is not None:
-        if request.memory_budget_gb <= 0:
-            raise MaskSAMError("--memory-budget must be a positive number of GB.")
+        if not 0 < request.memory_budget_gb < 1e6:  # also refuses nan and inf
+            raise MaskSAMError(f"--memory-budget must be a positive, finite number of GB, got "
+                               f"{request.memory_budget_gb}.")
         return int(request.memory_budget_gb * GB)
     return available_memory_bytes()
 
@@ -109,15 +110,14 @@ def segment(
     """Run ``request``; raises MaskSAMError for a bad single case or a bad model/device."""
     options = PredictOptions(step=request.step, fast=request.fast, tta=request.tta,
                              batch_windows=request.batch_windows)
+    budget = _memory_budget(request)  # options first: nothing loaded or written for a typo
     device = resolve_device(request.device)
     progress.start("load", **device_info(device))
     predictor = Predictor.from_model_dir(request.model, device=device)
     cases, batch = discover_cases(request.inputs, predictor.num_channels)
-    planned = plan_outputs(cases, request.out, batch=batch, fmt=request.fmt)
+    planned = plan_outputs(cases, request.out, batch=batch, fmt=request.fmt,
+                           model_dir=request.model, overwrite=request.overwrite)
     summary = SegmentSummary(batch=batch)
-    if not batch and planned[0].path.exists() and not request.overwrite:
-        raise MaskSAMError(f"{planned[0].path} already exists; pass --overwrite to replace it.")
-    budget = _memory_budget(request)
     if batch:
         progress.log(f"{len(cases)} cases; model {request.model} "
                      f"({predictor.config.backbone.name}) on {device}")
@@ -125,7 +125,7 @@ def segment(
         for index, item in enumerate(planned, start=1):
             if stop():
                 raise Interrupted("Segmentation stopped on request.")
-            if item.path.exists() and not request.overwrite:
+            if item.exists and not request.overwrite:
                 summary.skipped.append(item.path)
                 progress.log(f"[{index}/{len(planned)}] {item.case.case_id}: {item.path} exists, "
                              "skipped")

@@ -183,15 +183,44 @@ def save_model_dir(model: MaskSAM, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def check_weights(state: dict[str, torch.Tensor], model: MaskSAM, source: str | Path) -> None:
+    """Refuse weights that would load silently but wrong (MaskSAMError, one line).
+
+    ``load_state_dict`` copies an int64 tensor into a float parameter (the fractions are gone)
+    and keeps NaN/Inf, which give an empty label map; a wrong shape is a RuntimeError.
+    """
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise MaskSAMError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the "
+                               f"config needs {tuple(want.shape)}")
+        if want.is_floating_point() and not tensor.is_floating_point():
+            raise MaskSAMError(f"{source}: tensor {name} is stored as {tensor.dtype}, not as "
+                               "floating point")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MaskSAMError(f"{source}: tensor {name} holds NaN or Inf values (a diverged "
+                               "training?)")
+
+
 def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") -> MaskSAM:
-    """Rebuild a MaskSAM from a model folder (config.json + model.safetensors)."""
+    """Rebuild a MaskSAM from a model folder (config.json + model.safetensors).
+
+    Anything wrong inside the folder is "The model folder ... is damaged: ...".
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MaskSAMError(f"Model folder {model_dir} does not exist; check the path.")
-    config = ModelConfig.load(model_dir / CONFIG_NAME)
+    damaged = f"The model folder {model_dir} is damaged:"
+    try:
+        config = ModelConfig.load(model_dir / CONFIG_NAME)
+    except MaskSAMError as exc:
+        raise MaskSAMError(f"{damaged} {exc}") from exc
     weights = model_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise MaskSAMError(f"{weights} is missing; the model folder is incomplete.")
@@ -199,21 +228,34 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") ->
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise MaskSAMError(
-            f"{weights} is truncated or corrupt ({exc}); re-create the model."
+            f"{damaged} {weights} is truncated or corrupt ({exc}); re-create the model."
         ) from exc
-    model = build_masksam(config)
+    try:
+        model = build_masksam(config)
+    except MaskSAMError as exc:
+        raise MaskSAMError(f"{damaged} {exc}") from exc
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise MaskSAMError(f"{damaged} config.json describes no buildable network "
+                           f"({type(exc).__name__}: {exc}); re-create the model.") from exc
+    try:
+        check_weights(state, model, weights)
+    except MaskSAMError as exc:
+        raise MaskSAMError(f"{damaged} {exc}; re-create or re-train the model.") from exc
     if config.provenance.get("compact"):
         from .compact import load_compact_state
 
-        load_compact_state(model, state)
+        try:
+            load_compact_state(model, state)
+        except MaskSAMError as exc:
+            raise MaskSAMError(f"{damaged} {exc}") from exc
         return model.to(device).eval()
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         keys = (result.missing_keys or result.unexpected_keys)[:1]
         raise MaskSAMError(
-            f"{weights} does not match {model_dir / CONFIG_NAME} ({len(result.missing_keys)} "
-            f"missing, {len(result.unexpected_keys)} unexpected tensors, e.g. {keys[0]}); "
-            "re-create the model."
+            f"{damaged} {weights} does not match {model_dir / CONFIG_NAME} "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected "
+            f"tensors, e.g. {keys[0]}); re-create the model."
         )
     return model.to(device).eval()
 

@@ -72,6 +72,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise MaskSAMError(f"No checkpoint at {path}; start without --resume.") from exc
     except Exception as exc:  # noqa: BLE001 - any unpickling/zip failure means a bad file
         raise MaskSAMError(
-            f"Checkpoint {path} cannot be read ({type(exc).__name__}); remove it and start again "
-            "without --resume."
+            f"Checkpoint {path} cannot be read ({type(exc).__name__}: truncated or damaged); "
+            f"delete it (or move it away) and run again with --resume: the run then restarts "
+            "from iteration 0 from its saved starting weights."
         ) from exc

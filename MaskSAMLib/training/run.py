@@ -9,7 +9,9 @@ distributed (NCCL on CUDA, gloo on CPU) and only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -162,6 +164,58 @@ def _apply_spacing(pre: dict, request: TrainRequest, progress: Progress) -> dict
     return pre
 
 
+def check_split(request: TrainRequest, spec: DatasetSpec) -> None:
+    """``--val-fraction`` and ``--split`` checked against the dataset before anything is
+    written to ``--out`` (a mistake there used to leave a started folder behind)."""
+    if request.split_file is None:
+        if not (isinstance(request.val_fraction, (int, float))
+                and 0 <= request.val_fraction < 1):
+            raise MaskSAMError(f"--val-fraction must be in [0, 1), got {request.val_fraction}; "
+                               "e.g. 0.2 keeps a fifth of the cases for validation.")
+        return
+    from ..files import read_small_file
+
+    path = Path(request.split_file)
+    example = '{"train": ["case1", ...], "val": ["case9", ...]}'
+    try:
+        split = json.loads(read_small_file(path, max_bytes=16 << 20, what="Split file"))
+    except FileNotFoundError:
+        raise MaskSAMError(f"Split file {path} does not exist; check the path.") from None
+    except ValueError as exc:
+        raise MaskSAMError(
+            f"Split file {path} is not valid JSON ({exc}); write {example}.") from None
+    if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not isinstance(
+            split.get("val", []), list):
+        raise MaskSAMError(f"Split file {path} must be JSON like {example}.")
+    train_ids, val_ids = split["train"], split.get("val", [])
+    if not train_ids:
+        raise MaskSAMError(f"Split file {path} names no training case.")
+    known = {c.case_id for c in spec.cases}
+    unknown = [i for i in train_ids + val_ids if not isinstance(i, str) or i not in known]
+    if unknown:
+        raise MaskSAMError(f"Split file {path} names cases {unknown[:3]} that are not in "
+                           f"{spec.folder} (case ids are label file names without extension).")
+    listed = train_ids + val_ids
+    twice = sorted({i for i in listed if listed.count(i) > 1})
+    if twice:
+        raise MaskSAMError(f"Split file {path} names cases {twice[:3]} more than once (or in "
+                           "both train and val); list each case once.")
+
+
+def _undo_setup(out: Path, existed: bool) -> None:
+    """A fresh run that failed before its first iteration: remove what it wrote, so the
+    corrected command runs again without --resume (the folder was empty or new, _check_out
+    made sure, so nothing of the user's is touched)."""
+    import shutil
+
+    for name in (CONFIG_NAME, ".masksam.lock"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "training", ignore_errors=True)
+    if not existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
 def _write_config(config: ModelConfig, out: Path) -> None:
     config.save(out / CONFIG_NAME)
 
@@ -190,11 +244,14 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
     spec = load_dataset(request.dataset)
     validate_dataset(spec)
     labels = dataset_labels(spec)
+    check_split(request, spec)
 
     lock = None
+    existed = request.out.exists()
     if rank == 0:
         request.out.mkdir(parents=True, exist_ok=True)
         lock = FolderLock(request.out).acquire("Another training run")
+    started = False
     try:
         model, state = _model_for(request, spec, labels, progress)
         config = model.config
@@ -241,6 +298,7 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
         if state is not None:
             trainer.load_state(state)
             progress.log(f"Resuming at iteration {trainer.iteration} of {options.iterations}")
+        started = True
         summary = trainer.run()
         if rank == 0:
             config.provenance.update({
@@ -253,6 +311,13 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
             })
             _write_config(config, request.out)
         return summary
+    except BaseException:
+        if rank == 0 and not started and not request.resume:  # nothing to resume: undo
+            if lock is not None:
+                lock.release()
+                lock = None
+            _undo_setup(request.out, existed)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -273,7 +338,11 @@ def _model_for(
         model = build_masksam(config)
         if not base.is_file():
             raise MaskSAMError(f"{base} is missing; the run cannot be resumed. Start a new one.")
-        model.load_state_dict(load_file(str(base)), strict=True)
+        from ..modeling.build import check_weights
+
+        base_state = load_file(str(base))
+        check_weights(base_state, model, base)
+        model.load_state_dict(base_state, strict=True)
         checkpoint = out / "training" / "checkpoint.pt"
         if not checkpoint.is_file():
             progress.log("No checkpoint yet: the run restarts from iteration 0.")

@@ -66,13 +66,22 @@ class TrainOptions:
         for name in ("iterations", "batch_size", "accumulate", "checkpoint_every", "val_every"):
             if getattr(self, name) < 1:
                 raise MaskSAMError(f"--{name.replace('_', '-')} must be at least 1.")
-        if not self.lr > 0:
-            raise MaskSAMError(f"--lr must be positive, got {self.lr}.")
+        if not 0 < self.lr < 1e3:  # refuses nan and inf too: they only give non-finite weights
+            raise MaskSAMError(f"--lr must be a positive, finite number (e.g. 1e-3), got "
+                               f"{self.lr}.")
         if self.workers < 0:
             raise MaskSAMError("--workers must be 0 or more.")
         if self.time_limit_min is not None and not self.time_limit_min > 0:
             raise MaskSAMError(f"--time-limit must be a positive number of minutes, got "
                                f"{self.time_limit_min}.")
+        if self.num_points < 1:
+            raise MaskSAMError(f"--num-points must be at least 1, got {self.num_points}.")
+        if self.decoder_chunk is not None and self.decoder_chunk < 1:
+            raise MaskSAMError(f"--decoder-chunk must be at least 1 (or left out), got "
+                               f"{self.decoder_chunk}.")
+        for name in ("weight_decay", "eps", "poly_power", "grad_clip"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise MaskSAMError(f"{name} must be a finite number >= 0.")
 
 
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
@@ -216,8 +225,16 @@ class Trainer:
         """Full model weights (safetensors) under ``out_dir/name``, atomically."""
         if self.rank != 0:
             return
+        state = _state_to_cpu(self.model)
+        bad = next((k for k, v in state.items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:  # never publish a model that can only give empty label maps
+            raise MaskSAMError(
+                f"Training diverged: tensor {bad} holds NaN or Inf at iteration "
+                f"{self.iteration}, so {name} was not written; lower --lr and start again."
+            )
         with atomic_path(self.out_dir / name) as tmp:
-            write_safetensors(_state_to_cpu(self.model), tmp, metadata={"format": "pt"})
+            write_safetensors(state, tmp, metadata={"format": "pt"})
 
     # ------------------------------------------------------------------ stopping
     def request_stop(self, reason: str) -> None:
