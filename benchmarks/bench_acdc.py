@@ -45,10 +45,12 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N cases of the subset (a sample; say so)")
     args = parser.parse_args()
 
     data = Path(args.data)
-    ids = json.loads((data / "split.json").read_text())[args.subset]
+    ids = json.loads((data / "split.json").read_text())[args.subset][: args.limit]
     name = Path(args.model).name
     out = Path(args.out or REPO / "benchmarks" / "out" / f"acdc-{name}-{args.subset}")
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def main() -> int:
     rep = json.loads(report.read_text())
     seconds = []
     for sidecar in sorted(pred.glob("*.json")):
-        timings = json.loads(sidecar.read_text()).get("timings") or {}
+        timings = json.loads(sidecar.read_text()).get("timings_s") or {}
         if "total" in timings:
             seconds.append(timings["total"])
     summary = {
