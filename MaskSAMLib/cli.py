@@ -360,9 +360,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo_entry)
 
 
+# ----------------------------------------------------------------------------- prompt, worker
+def _add_prompt_commands(sub: argparse._SubParsersAction) -> None:
+    """``prompt`` and ``worker``: their options and entries live in ``prompting/cli.py``."""
+    from .prompting.cli import add_prompt_parsers
+
+    add_prompt_parsers(sub, common=_common, progress=_progress, notice=RESEARCH_NOTICE)
+
+
 # ----------------------------------------------------------------------------- main
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_init, _add_make_phantoms, _add_evaluate, _add_train, _add_segment, _add_demo,
+    _add_prompt_commands,
 ]
 
 
