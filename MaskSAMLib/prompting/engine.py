@@ -42,6 +42,7 @@ class SliceResult:
 
     mask: np.ndarray
     score: float
+    low_res: torch.Tensor | None = None  # (1, 1, 256, 256) decoder logits (a mask prompt)
 
 
 class EmbeddingCache:
@@ -254,6 +255,7 @@ class SliceSegmenter:
         *,
         box: tuple[float, float, float, float] | None = None,
         points: Sequence[tuple[float, float, bool]] = (),
+        mask_prompt: torch.Tensor | None = None,
     ) -> SliceResult:
         """Mask of a slice ``shape`` from a box ``(x0, y0, x1, y1)`` and/or points ``(x, y,
         positive)``, all in slice pixel coordinates (pixel i spans [i, i + 1])."""
@@ -276,7 +278,8 @@ class SliceSegmenter:
         with torch.inference_mode():
             if self._dense_pe is None:
                 self._dense_pe = self.prompt_encoder.get_dense_pe()
-            sparse, dense = self.prompt_encoder(points=points_t, boxes=boxes_t, masks=None)
+            sparse, dense = self.prompt_encoder(points=points_t, boxes=boxes_t,
+                                                masks=mask_prompt)
             low_res, iou = self.mask_decoder(
                 image_embeddings=embedding,
                 image_pe=self._dense_pe,
@@ -293,4 +296,4 @@ class SliceSegmenter:
                                    align_corners=False)
             mask = (logits[0, 0] > 0).cpu().numpy()
         self.decoder_runs += 1
-        return SliceResult(mask, float(iou[0, best]))
+        return SliceResult(mask, float(iou[0, best]), low_res[:, best : best + 1])
