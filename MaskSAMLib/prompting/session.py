@@ -61,6 +61,7 @@ class PropagationOptions:
     start_search: float = 0.5  # 3D box: best-scoring start among this central fraction
     mask_prompt: bool = False  # also give the neighbour's logits as a mask prompt
     max_shift_mm: float = 3.5  # keep only what lies this close to the neighbour's mask
+    max_mean_change: float = 0.1  # mean intensity change (fraction of the window) ends it
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -159,6 +160,16 @@ class PromptSession:
             return True
         overlap = int((mask & previous).sum()) / max(area, 1)
         return overlap < self.options.min_overlap
+
+    def _intensity_jump(self, k: int, mask: np.ndarray, k_prev: int,
+                        previous: np.ndarray) -> bool:
+        """The mean (windowed) intensity changed more than ``max_mean_change`` of the window."""
+        if self.options.max_mean_change <= 0 or not mask.any() or not previous.any():
+            return not mask.any()
+        low, high = self.window
+        now = np.clip(self.canonical[k][mask].astype(np.float32), low, high).mean()
+        before = np.clip(self.canonical[k_prev][previous].astype(np.float32), low, high).mean()
+        return abs(float(now - before)) > self.options.max_mean_change * (high - low)
 
     def _near(self, mask: np.ndarray) -> np.ndarray:
         """Pixels within ``max_shift_mm`` of ``mask`` (an elliptic structuring element)."""
@@ -309,10 +320,12 @@ class PromptSession:
             growth = self.options.max_growth
             if growth > 0 and result.mask.sum() > growth * max(1, int(previous.sum())):
                 result = step(k, self._grow(near, limit, 0.0), limit)  # leaking: tight box
+            if self._ends(result, previous):
+                return
             if self.options.max_shift_mm > 0:
                 result = SliceResult(result.mask & self._near(previous), result.score,
                                      result.low_res)
-            if self._ends(result, previous):
+            if self._intensity_jump(k, result.mask, k - direction, previous):
                 return
             out[k] = result.mask
             previous = result.mask
