@@ -338,13 +338,15 @@ def test_worker_answers_cancels_and_stops(segmenter, tmp_path) -> None:
         assert any(e["event"] == "progress" for e in events)
         _, ellipsoid, _, _ = phantom()
         assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))) == 1, ellipsoid) >= 0.8
-        # A correction on the same volume reuses the cached slices: no encoder run.
+        # A correction on the same volume reuses the cached slices (at most a slice or two
+        # more, where the corrected mask now reaches).
+        first_runs = events[-1]["segments"][0]["encoder_runs"]
         worker.send(id="s2", request="segment", out=str(out), overwrite=True,
                     prompts={"structures": [{"name": "blob",
                                              "boxes": [middle_slice_box(geometry)],
                                              "negative_points": [lps(geometry, 22, 25, 8)]}]})
         end = worker.until_end("s2")[-1]
-        assert end["event"] == "done" and end["segments"][0]["encoder_runs"] == 0
+        assert end["event"] == "done" and end["segments"][0]["encoder_runs"] <= 2 < first_runs
 
         worker.send(request="stop")
         assert worker.proc.wait(timeout=30) == 0
