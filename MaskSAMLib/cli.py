@@ -385,6 +385,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo_entry)
 
 
+# ----------------------------------------------------------------------------- prompt, worker
+def _add_prompt_commands(sub: argparse._SubParsersAction) -> None:
+    """``prompt`` and ``worker``: their options and entries live in ``prompting/cli.py``."""
+    from .prompting.cli import add_prompt_parsers
+
+    add_prompt_parsers(sub, common=_common, progress=_progress, notice=RESEARCH_NOTICE)
+
+
 # ----------------------------------------------------------------------------- main
 # ----------------------------------------------------------------------------- models
 def models_entry(args: argparse.Namespace) -> int:
@@ -448,7 +456,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_init, _add_make_phantoms, _add_evaluate, _add_train, _add_segment, _add_demo,
-    _add_models, _add_compact,
+    _add_models, _add_compact, _add_prompt_commands,
 ]
 
 
