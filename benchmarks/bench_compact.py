@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--split", required=True)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N val cases")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -44,6 +45,7 @@ def main() -> int:
     cases = prepare_cases(spec, PreprocessConfig.from_dict(config.preprocessing), names,
                           cache_dir=cache)
     _, val = split_cases(cases, val_fraction=0, seed=0, split_file=Path(args.split))
+    val = val[: args.limit]
     encoded = encode_cases(models["full"], val, cache)
     dice: dict[str, dict[str, list[float]]] = {k: {n: [] for n in names[1:]} for k in models}
     for case in val:
