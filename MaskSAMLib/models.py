@@ -75,7 +75,8 @@ def _read_registry() -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise MaskSAMError(f"{path} is not readable JSON ({exc}); reinstall MaskSAMSlicer.") from exc
+        raise MaskSAMError(f"{path} is not readable JSON ({exc}); reinstall MaskSAMSlicer."
+                           ) from exc
     return data if isinstance(data, dict) else {}
 
 
@@ -118,9 +119,9 @@ def available_models() -> list[ModelEntry]:
 def resolve_model(spec: str | os.PathLike) -> Path:
     """The model folder meant by ``--model``: a folder path, or a model name (verified)."""
     path = Path(spec)
-    if path.is_dir():
-        return path
     name = str(spec)
+    if path.is_dir() or os.sep in name or "/" in name or path.exists():
+        return path  # a path: the model loader says what is wrong with it
     entries = available_models()
     for entry in entries:
         if entry.name == name and entry.path is not None:

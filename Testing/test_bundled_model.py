@@ -14,15 +14,16 @@ import pytest
 import SimpleITK as sitk
 
 from MaskSAMLib.files import sha256_file
-from MaskSAMLib.models import available_models, resolve_model
 from MaskSAMLib.modeling.build import load_model_dir
+from MaskSAMLib.models import available_models, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTRY = REPO / "Resources" / "models.json"
 ACDC = REPO.parent / "shared" / "data" / "acdc"
 
-#: Lowest mean foreground Dice accepted on the val volume below (measured value in RESULTS.md).
-DICE_BOUND = float(os.environ.get("MASKSAM_BUNDLED_DICE_BOUND", "0"))
+#: Lowest mean foreground Dice accepted on val volume acdc_002_f01: measured 0.840 (RV 0.850, MYO
+#: 0.750, LV 0.921) with `masksam segment` on 2026-12-01 (benchmarks/RESULTS.md, ACDC).
+DICE_BOUND = float(os.environ.get("MASKSAM_BUNDLED_DICE_BOUND", "0.75"))
 
 
 def _bundled() -> list[dict]:

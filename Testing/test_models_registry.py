@@ -13,10 +13,10 @@ import torch
 
 from MaskSAMLib.config import make_labels
 from MaskSAMLib.errors import MaskSAMError
-from MaskSAMLib.models import available_models, resolve_model
 from MaskSAMLib.modeling.build import create_model, load_model_dir, save_model_dir
 from MaskSAMLib.modeling.compact import save_compact_model_dir
 from MaskSAMLib.modeling.semantic import semantic_probabilities
+from MaskSAMLib.models import available_models, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 

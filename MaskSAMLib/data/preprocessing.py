@@ -228,7 +228,8 @@ def preprocess_case(
         ]
     )
     spacing = transform.canonical.spacing
-    shape = resampled_shape(normalized.shape, spacing, config.case_spacing(spacing, normalized.shape))
+    target = config.case_spacing(spacing, normalized.shape)
+    shape = resampled_shape(normalized.shape, spacing, target)
     out = resample_image_to_shape(
         normalized,
         shape,
