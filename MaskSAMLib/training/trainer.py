@@ -140,10 +140,11 @@ class Trainer:
         self._val_encodings: dict[str, dict] = {}
         self._val_encoded = val_encoded or {}
         if self.cached:
+            from .cases import default_cache_dir
             from .encoder_cache import CachedPatchSampler, encode_cases
 
-            if encoded is None:
-                encoded = encode_cases(model, train_cases, out_dir / "training" / "cache")
+            if encoded is None:  # the shared cache, never inside the model folder (GBs)
+                encoded = encode_cases(model, train_cases, default_cache_dir())
             self.sampler = CachedPatchSampler(
                 train_cases, encoded, num_slices=model.num_slices, size=model.img_size,
                 batch_size=options.batch_size, seed=options.seed,
