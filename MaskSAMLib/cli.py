@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
+from .backbones import BACKBONE_NAMES
 from .errors import MaskSAMError, UsageError
 from .progress import Progress
 
@@ -97,12 +98,11 @@ def init_entry(args: argparse.Namespace) -> int:
         raise MaskSAMError(f"{out} already exists and is not empty; choose a new --out folder.")
     labels, channels = read_label_file(args.labels)
     channels = channels or list(args.modality)
-    preprocessing = {"channel_names": channels}
     progress.start("init", total=2)
-    model = create_model(
+    model = create_model(  # no preprocessing plan yet: training makes it from its dataset
         backbone=args.backbone, labels=labels, sam_checkpoint=args.sam_checkpoint,
         img_size=args.img_size, num_slices=args.slices, num_queries=args.queries,
-        in_channels=len(channels), preprocessing=preprocessing, seed=args.seed,
+        channel_names=channels, seed=args.seed,
     )
     model.config.provenance["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds")
@@ -123,8 +123,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a model folder from backbone weights and labels",
                        description="Create a MaskSAM model folder (config.json + "
                                    "model.safetensors) from backbone weights and a label list.")
-    p.add_argument("--backbone", required=True,
-                   choices=["litemedsam", "vit_b", "vit_l", "vit_h", "tiny"])
+    p.add_argument("--backbone", required=True, choices=BACKBONE_NAMES)
     p.add_argument("--sam-checkpoint", help="Meta's sam_vit_*.pth for vit_b/vit_l/vit_h "
                                             "(litemedsam finds its weights by itself)")
     p.add_argument("--labels", required=True,
@@ -243,7 +242,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="dataset folder with dataset.json, imagesTr, labelsTr")
     p.add_argument("--out", required=True, help="output model folder")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--backbone", choices=["litemedsam", "vit_b", "vit_l", "vit_h", "tiny"])
+    start.add_argument("--backbone", choices=BACKBONE_NAMES)
     start.add_argument("--init", help="a model folder to fine-tune")
     p.add_argument("--sam-checkpoint", help="Meta's sam_vit_*.pth for vit_b/vit_l/vit_h")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -11,16 +11,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .backbones import BACKBONE_NAMES, ENCODER_MODES, backbone_spec
 from .errors import MaskSAMError
 from .terminology import terminology_for
 
+if TYPE_CHECKING:
+    from .data.preprocessing import PreprocessConfig
+
 FORMAT_VERSION = 1
-BACKBONES = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
-#: "adapters": depth adapters and depth embedding inside the frozen encoder (MaskSAM's recipe,
-#: for GPUs); "frozen": the encoder runs unchanged per slice (cacheable; the CPU recipe).
-ENCODER_MODES = ("adapters", "frozen")
+BACKBONES = BACKBONE_NAMES  # the names of the backbone table (MaskSAMLib/backbones.py)
 
 
 @dataclass
@@ -57,40 +58,15 @@ class BackboneConfig:
 
 
 def default_backbone(name: str) -> BackboneConfig:
-    """The architecture of each named backbone (official SAM sizes, LiteMedSAM, tiny)."""
-    if name == "vit_b":
-        return BackboneConfig(name=name)
-    if name == "vit_l":
-        idx = [5, 11, 17, 23]
-        return BackboneConfig(name=name, embed_dim=1024, depth=24, num_heads=16,
-                              global_attn_indexes=idx, feature_indexes=list(idx))
-    if name == "vit_h":
-        idx = [7, 15, 23, 31]
-        return BackboneConfig(name=name, embed_dim=1280, depth=32, num_heads=16,
-                              global_attn_indexes=idx, feature_indexes=list(idx))
-    if name == "tiny":
-        # A small random SAM-shaped model for tests and CPU demos: windowed and global
-        # attention, rel-pos tables, a real prompt encoder and two-way decoder. 8-pixel patches
-        # give an 8x8 embedding at 64 input (16-pixel patches left kidney-sized organs at
-        # under one token and did not learn them).
-        return BackboneConfig(
-            name=name, embed_dim=64, depth=4, num_heads=2, global_attn_indexes=[1, 3],
-            feature_indexes=[0, 1, 2, 3], window_size=4, patch_size=8, geometry=64,
-            prompt_embed_dim=64, decoder_mlp_dim=256, decoder_num_heads=4,
-        )
-    if name == "litemedsam":
-        # TinyViT (fixed architecture, see modeling/tiny_vit.py); stride-4 output at 256 input.
-        return BackboneConfig(
-            name=name, embed_dim=320, depth=10, num_heads=10, global_attn_indexes=[],
-            feature_indexes=[0, 1, 2, 3], window_size=7, patch_size=4, geometry=256,
-            input_scaling="unit",
-        )
-    raise MaskSAMError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
+    """The architecture of each named backbone (from the backbone table)."""
+    arch = backbone_spec(name).architecture
+    return BackboneConfig(name=name, **{k: list(v) if isinstance(v, list) else v
+                                        for k, v in arch.items()})
 
 
 def default_img_size(backbone: str) -> int:
     """Input size per backbone on CPU-first defaults (LiteMedSAM only works at 256)."""
-    return {"litemedsam": 256, "tiny": 64, "vit_b": 512, "vit_l": 512, "vit_h": 512}[backbone]
+    return backbone_spec(backbone).default_img_size
 
 
 @dataclass
@@ -102,7 +78,8 @@ class ModelConfig:
     img_size: int = 256
     num_slices: int = 3  # T: fixed by the depth-MLP adapters; volumes are padded, never T changed
     num_queries: int = 0  # N: 0 means derived from the labels
-    in_channels: int = 1
+    # The modality channels in input order (their count is the network's input channels).
+    channel_names: list[str] = field(default_factory=lambda: ["CT"])
     adapter_reduction: int = 4
     # Freeze SAM except adapters and depth embeddings (the recipe for pretrained backbones);
     # the random `tiny` backbone has nothing to preserve and trains fully.
@@ -116,12 +93,34 @@ class ModelConfig:
     # Kernel of the prompt generator's convolutions along the slices: 3 (3D, the paper) or 1
     # (per-slice 2D convolutions, 3x cheaper; the depth adapters still mix slices).
     prompt_generator_depth_kernel: int = 3
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    # The plan made from the training data (target spacing, normalisation and its statistics),
+    # for the channels above; None for a model created by ``masksam init`` and never trained.
+    preprocessing: PreprocessConfig | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network: one per name in :attr:`channel_names`."""
+        return len(self.channel_names)
+
+    @property
+    def trained(self) -> bool:
+        """Whether the model holds a preprocessing plan (it was trained on a dataset)."""
+        return self.preprocessing is not None
+
+    def require_preprocessing(self) -> PreprocessConfig:
+        """The plan, or a one-line MaskSAMError for a model created but never trained."""
+        if self.preprocessing is None:
+            raise MaskSAMError(
+                "This model folder has no preprocessing plan (target spacing, normalisation): it "
+                "was created by 'masksam init' but never trained; train it first with "
+                "'masksam train DATASET --init MODEL_DIR --out NEW_MODEL'."
+            )
+        return self.preprocessing
 
     @property
     def num_classes(self) -> int:
@@ -178,8 +177,14 @@ class ModelConfig:
             raise MaskSAMError("prompt_generator_depth_kernel must be 1 or 3.")
         if not 1 <= len(self.prompt_generator_channels) <= 3:
             raise MaskSAMError("prompt_generator_channels needs 1 to 3 stage widths.")
-        if b.name == "litemedsam" and self.img_size != 256:
-            raise MaskSAMError("The litemedsam backbone only works at 256x256 input; use 256.")
+        sizes = backbone_spec(b.name).img_sizes
+        if sizes and self.img_size not in sizes:
+            shown = " or ".join(str(n) for n in sizes)
+            raise MaskSAMError(f"The {b.name} backbone only works at {shown}x{shown} input; use "
+                               f"{shown}.")
+        if self.encoder_mode not in backbone_spec(b.name).encoder_modes:
+            raise MaskSAMError(f"The {b.name} backbone cannot run encoder_mode "
+                               f"{self.encoder_mode!r}.")
         if self.img_size % b.patch_size or self.img_size < 4 * b.patch_size:
             raise MaskSAMError(
                 f"img_size {self.img_size} must be a multiple of {b.patch_size} and at least "
@@ -189,7 +194,19 @@ class ModelConfig:
             raise MaskSAMError("prompt_embed_dim must be a square number (e.g. 64 or 256).")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config.json form (format 1): the channels are stored as ``in_channels`` and as
+        ``preprocessing["channel_names"]`` (alone for an untrained model), as ever."""
+        data = dataclasses.asdict(dataclasses.replace(self, preprocessing=None))
+        names = data.pop("channel_names")
+        pre = self.preprocessing.to_dict() if self.preprocessing is not None else {}
+        ordered: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "adapter_reduction":
+                ordered["in_channels"] = len(names)
+            if key == "preprocessing":
+                value = {**pre, "channel_names": list(names)}
+            ordered[key] = value
+        return ordered
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -212,8 +229,11 @@ class ModelConfig:
                 )
             backbone = BackboneConfig(**backbone_data)
             labels = [LabelSpec(**lab) for lab in data["labels"]]
-            rest = {k: v for k, v in data.items() if k not in ("backbone", "labels")}
-            return cls(backbone=backbone, labels=labels, **rest)
+            rest = {k: v for k, v in data.items()
+                    if k not in ("backbone", "labels", "in_channels", "preprocessing")}
+            names, plan = _read_channels(data)
+            return cls(backbone=backbone, labels=labels, channel_names=names, preprocessing=plan,
+                       **rest)
         except MaskSAMError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -252,9 +272,8 @@ class ModelConfig:
 #: recipe that trains in hours on a few CPU cores.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
-    "cpu": {
+    "cpu": {  # and the backbone's cpu_prompt_generator_channels (backbones.py)
         "encoder_mode": "frozen",
-        "prompt_generator_channels": [128, 64],
         "prompt_generator_depth_kernel": 1,
     },
 }
@@ -280,6 +299,10 @@ def _whole(value: Any) -> bool:
 
 def _check_numbers(config: ModelConfig) -> None:
     """Types and ranges of every number in ``config`` (MaskSAMError naming the field)."""
+    names = config.channel_names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise MaskSAMError(f"config.json: the channel names must be a list of names, got "
+                           f"{names!r}.")
     checks = [(name, getattr(config, name), *limits) for name, limits in _LIMITS.items()]
     checks += [(f"backbone.{name}", getattr(config.backbone, name), *limits)
                for name, limits in _BACKBONE_LIMITS.items()]
@@ -308,8 +331,43 @@ def _check_numbers(config: ModelConfig) -> None:
                                "label values are whole numbers 0-65535.")
         if not isinstance(lab.name, str) or not lab.name.strip():
             raise MaskSAMError(f"config.json: label value {lab.value} has no name.")
-    if not isinstance(config.preprocessing, dict) or not isinstance(config.provenance, dict):
+    if not isinstance(config.provenance, dict):
+        raise MaskSAMError("config.json: 'provenance' must be an object.")
+    from .data.preprocessing import PreprocessConfig
+
+    plan = config.preprocessing
+    if plan is not None and not isinstance(plan, PreprocessConfig):
+        raise MaskSAMError("config.json: 'preprocessing' must be a preprocessing plan.")
+    if plan is not None and list(plan.channel_names) != list(names):
+        raise MaskSAMError(f"config.json: the preprocessing plan is for channels "
+                           f"{plan.channel_names}, the model takes {names}.")
+
+
+def _read_channels(data: dict[str, Any]) -> tuple[list[str], PreprocessConfig | None]:
+    """Channel names and preprocessing plan of a config.json (format 1).
+
+    Format 1 stores the channel count as ``in_channels`` and the names in ``preprocessing``:
+    a full plan for a trained model; ``{"channel_names": [...]}`` or ``{}`` (names unknown)
+    for one created by ``masksam init`` and never trained, so "untrained" is the absence of
+    ``target_spacing``.
+    """
+    from .data.preprocessing import PreprocessConfig
+
+    count = data.get("in_channels", 1)
+    if not _whole(count) or not 1 <= count <= 16:
+        raise MaskSAMError(f"config.json: in_channels must be a whole number from 1 to 16, got "
+                           f"{count!r}.")
+    pre = data.get("preprocessing", {})
+    if not isinstance(pre, dict):
         raise MaskSAMError("config.json: 'preprocessing' and 'provenance' must be objects.")
+    names = pre.get("channel_names")
+    if names is None:
+        names = ["CT"] * count if count == 1 else [f"channel {i}" for i in range(count)]
+    if not isinstance(names, list) or len(names) != count:
+        raise MaskSAMError(f"config.json: in_channels is {count} but preprocessing names the "
+                           f"channels {names!r}; restore the file or re-create the model.")
+    plan = PreprocessConfig.from_dict(pre) if "target_spacing" in pre else None
+    return [str(n) for n in names], plan
 
 
 def make_model_config(
@@ -319,29 +377,32 @@ def make_model_config(
     img_size: int | None = None,
     num_slices: int = 3,
     num_queries: int = 0,
-    in_channels: int = 1,
-    preprocessing: dict[str, Any] | None = None,
+    channel_names: list[str] | None = None,
+    preprocessing: PreprocessConfig | None = None,
     provenance: dict[str, Any] | None = None,
     recipe: str = "paper",
 ) -> ModelConfig:
     """A ModelConfig with each backbone's defaults (input size, decoder widths) and the
-    architecture values of ``recipe`` (see :data:`RECIPES`)."""
+    architecture values of ``recipe`` (see :data:`RECIPES`).
+
+    ``channel_names`` default to those of ``preprocessing``, else one CT channel.
+    """
     if recipe not in RECIPES:
         raise MaskSAMError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
     arch = default_backbone(backbone)
-    channels = [64, 32, 16] if backbone == "tiny" else [256, 128, 64]
-    extra = {"prompt_generator_channels": channels, **RECIPES[recipe]}
-    if backbone == "tiny" and recipe == "cpu":
-        extra["prompt_generator_channels"] = [64, 32]
+    spec = backbone_spec(backbone)
+    extra = {**RECIPES[recipe], "prompt_generator_channels": list(
+        spec.cpu_prompt_generator_channels if recipe == "cpu" else spec.prompt_generator_channels)}
     return ModelConfig(
         backbone=arch,
         labels=labels,
         img_size=img_size or default_img_size(backbone),
         num_slices=num_slices,
         num_queries=num_queries,
-        in_channels=in_channels,
-        freeze_sam=backbone != "tiny" or recipe == "cpu",
-        preprocessing=dict(preprocessing or {}),
+        channel_names=list(channel_names or (preprocessing.channel_names if preprocessing
+                                             else ["CT"])),
+        freeze_sam=spec.freeze_sam or recipe == "cpu",
+        preprocessing=preprocessing,
         provenance={**(provenance or {}), "recipe": recipe},
         **extra,
     )

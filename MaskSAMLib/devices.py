@@ -58,3 +58,15 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info["gpu_name"] = props.name
         info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+#: Queries per decoder pass on CPU when none is asked for (all queries at once on GPUs).
+CPU_DECODER_CHUNK = 8
+
+
+def decoder_chunk_for(device_type: str, requested: int | None) -> int | None:
+    """Queries per decoder pass: ``requested``, else :data:`CPU_DECODER_CHUNK` on CPU, else
+    all (None)."""
+    if requested is None and device_type == "cpu":
+        return CPU_DECODER_CHUNK
+    return requested

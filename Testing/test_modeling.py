@@ -45,11 +45,7 @@ def test_decoder_chunks_give_the_same_result(tiny_model):
     x = torch.randn(1, 1, cfg.num_slices, cfg.img_size, cfg.img_size)
     with torch.no_grad():
         whole = tiny_model(x)
-        tiny_model.decoder_chunk = 2
-        try:
-            chunked = tiny_model(x)
-        finally:
-            tiny_model.decoder_chunk = None
+        chunked = tiny_model(x, decoder_chunk=2)
     for key in whole:
         torch.testing.assert_close(whole[key], chunked[key], atol=1e-5, rtol=1e-5)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from MaskSAMLib.config import make_labels
+from MaskSAMLib.data.preprocessing import PreprocessConfig
 from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.modeling.build import create_model, load_model_dir, save_model_dir
 from MaskSAMLib.modeling.compact import save_compact_model_dir
@@ -27,8 +28,8 @@ def trained_litemedsam(tmp_path_factory):
     model = create_model(backbone="litemedsam", recipe="cpu", seed=0, num_slices=1,
                          labels=make_labels(["background", "right_ventricle", "myocardium",
                                              "left_ventricle"]),
-                         preprocessing={"target_spacing": [1.5, 1.5, 10.0],
-                                        "channel_names": ["MR"], "fit_size": 256})
+                         preprocessing=PreprocessConfig(target_spacing=(1.5, 1.5, 10.0),
+                                                        channel_names=["MR"], fit_size=256))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and "adapter" in name:

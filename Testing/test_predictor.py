@@ -53,14 +53,13 @@ class _StandIn(nn.Module):
         self.config = config
         self.num_slices, self.img_size = config.num_slices, config.img_size
         self.num_classes = self.num_queries = config.num_classes
-        self.decoder_chunk = None
         self.image_encoder = nn.Identity()
         self.calls = 0
 
     def classes(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, decoder_chunk: int | None = None) -> dict[str, torch.Tensor]:
         self.calls += 1
         b, _, t = x.shape[:3]
         k = self.num_classes
@@ -94,7 +93,7 @@ def _config(target=tuple(S_PHYS), order=3, names=("x_axis", "y_axis", "z_axis"),
     pre = PreprocessConfig(target_spacing=target, channel_names=channel_names,
                            ct_stats=[stats] + [None] * (channels - 1), order=order)
     return make_model_config(backbone="tiny", labels=make_labels(["background", *names]),
-                             img_size=32, in_channels=channels, preprocessing=pre.to_dict())
+                             img_size=32, preprocessing=pre)
 
 
 # T=3 windows one slice apart: every slice is some window's middle slice, where the ramp rule
@@ -270,7 +269,7 @@ def test_bad_arrays_are_refused_with_one_line():
 
 def test_a_model_never_trained_has_no_preprocessing_plan():
     config = make_model_config(backbone="tiny", labels=make_labels(["background", "liver"]),
-                               preprocessing={"channel_names": ["CT"]})
+                               channel_names=["CT"])
     with pytest.raises(MaskSAMError, match="never trained"):
         Predictor(_BinNet(config), device="cpu")
 

@@ -51,7 +51,7 @@ def model(tmp_path_factory) -> Path:
     stats = CTNormStats(mean=60.0, std=200.0, percentile_00_5=-1000.0, percentile_99_5=1000.0)
     pre = PreprocessConfig(target_spacing=(2.0, 2.0, 2.0), channel_names=["CT"], ct_stats=[stats])
     net = create_model(backbone="tiny", labels=make_labels(["background", "liver", "spleen"]),
-                       seed=0, img_size=32, preprocessing=pre.to_dict())
+                       seed=0, img_size=32, preprocessing=pre)
     return save_model_dir(net, tmp_path_factory.mktemp("models") / "m")
 
 

@@ -46,7 +46,7 @@ def model(tmp_path_factory) -> Path:
     labels = make_labels(names, [PHANTOM_LABELS[n] for n in names])
     stats = CTNormStats(mean=60.0, std=200.0, percentile_00_5=-1000.0, percentile_99_5=1000.0)
     pre = PreprocessConfig(target_spacing=(2.0, 2.0, 4.5), channel_names=["CT"], ct_stats=[stats])
-    net = create_model(backbone="tiny", labels=labels, preprocessing=pre.to_dict(), seed=0,
+    net = create_model(backbone="tiny", labels=labels, preprocessing=pre, seed=0,
                        img_size=32)
     return save_model_dir(net, tmp_path_factory.mktemp("models") / "quick")
 

@@ -47,7 +47,7 @@ def quick_model(tmp_path_factory) -> Path:
     labels[1].terminology = LIVER_TERMINOLOGY
     stats = CTNormStats(mean=60.0, std=200.0, percentile_00_5=-1000.0, percentile_99_5=1000.0)
     pre = PreprocessConfig(target_spacing=(2.0, 2.0, 4.5), channel_names=["CT"], ct_stats=[stats])
-    model = create_model(backbone="tiny", labels=labels, preprocessing=pre.to_dict(), seed=0,
+    model = create_model(backbone="tiny", labels=labels, preprocessing=pre, seed=0,
                          img_size=32)
     return save_model_dir(model, tmp_path_factory.mktemp("models") / "quick")
 
@@ -409,8 +409,8 @@ def test_multichannel_model_one_file_per_channel(capsys, tmp_path, cases):
     pre = PreprocessConfig(target_spacing=(2.0, 2.0, 4.5), channel_names=["CT", "PET"],
                            ct_stats=[stats, None])
     model = save_model_dir(create_model(
-        backbone="tiny", labels=make_labels(["background", "liver"]), in_channels=2,
-        preprocessing=pre.to_dict(), img_size=32), tmp_path / "two_channel")
+        backbone="tiny", labels=make_labels(["background", "liver"]),
+        preprocessing=pre, img_size=32), tmp_path / "two_channel")
     folder = tmp_path / "in"
     folder.mkdir()
     for case in ("a", "b"):

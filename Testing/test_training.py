@@ -22,8 +22,8 @@ from MaskSAMLib.data.phantoms import make_phantoms
 from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.files import FolderLock
 from MaskSAMLib.modeling.build import create_model, save_model_dir
+from MaskSAMLib.modeling.surgery import extend_classes
 from MaskSAMLib.training.checkpoint import load_checkpoint
-from MaskSAMLib.training.run import extend_classes
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (40, 40, 16)

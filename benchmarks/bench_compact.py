@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from MaskSAMLib.data.dataset_json import load_dataset
-from MaskSAMLib.data.preprocessing import PreprocessConfig
 from MaskSAMLib.evaluation import dice_score
 from MaskSAMLib.inference.sliding_window import sliding_window_labels
 from MaskSAMLib.modeling.build import load_model_dir
@@ -42,7 +41,7 @@ def main() -> int:
     config = models["full"].config
     names = [lab.name for lab in config.labels]
     spec = load_dataset(args.dataset)
-    cases = prepare_cases(spec, PreprocessConfig.from_dict(config.preprocessing), names,
+    cases = prepare_cases(spec, config.require_preprocessing(), names,
                           cache_dir=cache)
     _, val = split_cases(cases, val_fraction=0, seed=0, split_file=Path(args.split))
     val = val[: args.limit]

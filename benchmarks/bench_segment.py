@@ -98,7 +98,7 @@ def make_model(folder: Path, backbone: str) -> Path:
     pre = PreprocessConfig(target_spacing=TARGET_SPACING, channel_names=["CT"], ct_stats=[stats])
     labels = make_labels(["background"] + [f"organ_{i}" for i in range(1, NUM_CLASSES)])
     config = make_model_config(backbone=backbone, labels=labels, num_queries=16,
-                               preprocessing=pre.to_dict(),
+                               preprocessing=pre,
                                provenance={"weights": "random (benchmark)"})
     torch.manual_seed(0)
     save_model_dir(build_masksam(config).eval(), folder)

@@ -59,7 +59,6 @@ def worker(args: argparse.Namespace) -> dict:
     config = make_model_config(backbone=args.backbone, labels=make_labels(NAMES),
                                num_slices=args.slices)
     model = build_masksam(config)
-    model.decoder_chunk = 8
     model.train()
     size, t, b = model.img_size, model.num_slices, args.batch_size
     criterion = SetCriterion(num_classes=model.num_classes, num_points=args.num_points)
@@ -83,7 +82,7 @@ def worker(args: argparse.Namespace) -> dict:
     rows = []
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
-        outputs = model(image)
+        outputs = model(image, decoder_chunk=8)
         t1 = time.perf_counter()
         loss = criterion(outputs, label)["loss"]
         t2 = time.perf_counter()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backbones import backbone_spec
 from ..config import ModelConfig
 from ..data.geometry import Geometry
 from ..data.orientation import canonical_transform
@@ -37,15 +38,6 @@ GB = 1024**3
 SAFETY = 1.4
 RUNTIME_BYTES = 500 * 2**20
 
-# Peak activation bytes of one forward per slice of a window, at the reference input size and
-# 16 queries (CPU, fp32, decoder chunk 8; measured with benchmarks/bench_segment.py).
-_ACTIVATION_PER_SLICE = {
-    "tiny": (64, 8 * 2**20),
-    "litemedsam": (256, 300 * 2**20),
-    "vit_b": (512, 260 * 2**20),
-    "vit_l": (512, 340 * 2**20),
-    "vit_h": (512, 420 * 2**20),
-}
 _BYTES_PER_PIXEL = {
     "8-bit unsigned integer": 1,
     "8-bit signed integer": 1,
@@ -121,7 +113,8 @@ def estimate_prediction_memory(
     inputs = channels * v * input_bytes_per_voxel
     reading = inputs
     preprocess = inputs + channels * 4 * (3 * v + vr)
-    ref_size, per_slice = _ACTIVATION_PER_SLICE.get(config.backbone.name, (512, 420 * 2**20))
+    # Peak activations of one forward per slice of a window (the backbone table's estimate).
+    ref_size, per_slice = backbone_spec(config.backbone.name).activation_per_slice
     activations = int(per_slice * (s / ref_size) ** 2 * max(config.num_queries, 16) / 16)
     weights = _parameter_bytes(config)
     open_scores = (t + 1) * (k + 1) * slice_pixels * 4
@@ -139,10 +132,7 @@ def estimate_prediction_memory(
 
 def _parameter_bytes(config: ModelConfig) -> int:
     b = config.backbone
-    if b.name == "litemedsam":
-        encoder = 10_000_000
-    else:
-        encoder = 12 * b.depth * b.embed_dim**2
+    encoder = backbone_spec(b.name).encoder_parameters or 12 * b.depth * b.embed_dim**2
     return 4 * (encoder + 8_000_000)
 
 

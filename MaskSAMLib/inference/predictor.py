@@ -36,7 +36,7 @@ from ..data.geometry import Geometry, Volume
 from ..data.loader import has_lateralized_classes
 from ..data.preprocessing import PreprocessConfig, postprocess_labels, preprocess_case
 from ..data.writers import label_dtype
-from ..devices import half_dtype, resolve_device
+from ..devices import decoder_chunk_for, half_dtype, resolve_device
 from ..errors import Interrupted, MaskSAMError
 from ..modeling.masksam import MaskSAM
 from .budget import MemoryEstimate, check_memory_budget, estimate_prediction_memory
@@ -117,11 +117,9 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.model_dir = Path(model_dir) if model_dir is not None else None
-        if decoder_chunk is None and self.device.type == "cpu":
-            decoder_chunk = 8
-        self.model.decoder_chunk = decoder_chunk
+        self.decoder_chunk = decoder_chunk_for(self.device.type, decoder_chunk)
         self.amp_dtype = half_dtype(self.device)
-        self.preprocessing = model_preprocessing(self.config)
+        self.preprocessing = self.config.require_preprocessing()
         self.lateralized = has_lateralized_classes([lab.name for lab in self.config.labels])
         top = max(lab.value for lab in self.config.labels)
         self._values = np.asarray([lab.value for lab in self.config.labels],
@@ -226,6 +224,7 @@ class Predictor:
                 batch_windows=options.batch_windows, device=self.device,
                 amp_dtype=self.amp_dtype, mirror_axes=self.mirror_axes() if options.tta else (),
                 progress=progress, should_stop=should_stop, timings=timings,
+                decoder_chunk=self.decoder_chunk,
             )
         except InterruptedError as exc:
             raise Interrupted("Segmentation stopped on request; nothing was written.") from exc
@@ -240,18 +239,6 @@ class Predictor:
         timings["postprocess"] = time.perf_counter() - start
         return Prediction(labels=labels, geometry=volumes[0].geometry, timings=timings,
                           windows=total, preprocessed_shape=shape)  # type: ignore[arg-type]
-
-
-def model_preprocessing(config: Any) -> PreprocessConfig:
-    """The training preprocessing saved in a model config (refused when it was never trained)."""
-    pre = dict(config.preprocessing or {})
-    if "target_spacing" not in pre:
-        raise MaskSAMError(
-            "This model folder has no preprocessing plan (target spacing, normalisation): it "
-            "was created by 'masksam init' but never trained; train it first with "
-            "'masksam train DATASET --init MODEL_DIR --out NEW_MODEL'."
-        )
-    return PreprocessConfig.from_dict(pre)
 
 
 def as_volumes(image: ImageLike | Sequence[ImageLike], geometry: Geometry | None) -> list[Volume]:

@@ -84,6 +84,7 @@ def sliding_window_labels(
     should_stop: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
     encoder_cache: dict | None = None,
+    decoder_chunk: int | None = None,
 ) -> np.ndarray:
     """Class indices of a preprocessed volume.
 
@@ -103,6 +104,7 @@ def sliding_window_labels(
             slices of this volume beyond the call (e.g. validation during training, which
             sees the same volume again); by default slices are dropped once no later window
             needs them.
+        decoder_chunk: queries per decoder pass (None: all at once).
     Returns:
         ``(Z, Y, X)`` uint8 (uint16 for more than 255 classes) class indices.
     """
@@ -150,7 +152,8 @@ def sliding_window_labels(
         crops = crops.to(device)
         with autocast:
             probs = _predict(model, crops, mirror_axes, clock,
-                             None if encodings is None else encodings.bind(batch))
+                             None if encodings is None else encodings.bind(batch),
+                             decoder_chunk=decoder_chunk)
         probs = probs.float().cpu()  # (B, K, T, S, S)
         for (z0, y0, x0), p in zip(batch, probs, strict=True):
             for dz in range(t):
@@ -230,17 +233,19 @@ def _predict(
     mirror_axes: tuple[int, ...],
     clock: _Clock | None = None,
     encodings: _SliceEncodings | None = None,
+    decoder_chunk: int | None = None,
 ) -> torch.Tensor:
     """Mean class scores ``(B, K, T, S, S)`` over the identity and each mirrored copy."""
     clock = clock or _Clock(None, crops.device)
+    chunk = {} if decoder_chunk is None else {"decoder_chunk": decoder_chunk}
     probs = None
     for flips in [(), *((axis,) for axis in mirror_axes)]:
         clock.lap("stitch")
         view = crops.flip(flips) if flips else crops
         if encodings is not None:
-            o = model(view, encodings(view, flips))
+            o = model(view, encodings(view, flips), **chunk)
         else:
-            o = model(view)
+            o = model(view, **chunk)
         clock.lap("network")
         p = semantic_probabilities(o["pred_logits"], o["pred_masks"])
         p = p.flip(flips) if flips else p

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..backbones import backbone_spec
 from ..config import ModelConfig
+from ..data.preprocessing import PreprocessConfig
 from ..errors import MaskSAMError
 from ..files import atomic_directory, sha256_file, write_safetensors
 from .masksam import SAM_PARTS, MaskSAM, is_trainable_name
@@ -53,7 +55,7 @@ def _sam_prompt_parts(
     return prompt_encoder, mask_decoder
 
 
-def _build_vit(config: ModelConfig) -> MaskSAM:
+def build_vit(config: ModelConfig) -> MaskSAM:
     m = sam_modeling()
     b = config.backbone
     sam_encoder = m.ImageEncoderViT(
@@ -84,7 +86,7 @@ def _build_vit(config: ModelConfig) -> MaskSAM:
     )
 
 
-def _build_litemedsam(config: ModelConfig) -> MaskSAM:
+def build_litemedsam(config: ModelConfig) -> MaskSAM:
     from .tiny_vit_encoder import TinyViTEncoder
 
     encoder = TinyViTEncoder(
@@ -98,18 +100,14 @@ def _build_litemedsam(config: ModelConfig) -> MaskSAM:
     )
 
 
-BUILDERS: dict[str, Callable[[ModelConfig], MaskSAM]] = {
-    "vit_b": _build_vit,
-    "vit_l": _build_vit,
-    "vit_h": _build_vit,
-    "tiny": _build_vit,
-    "litemedsam": _build_litemedsam,
-}
-
-
 def build_masksam(config: ModelConfig) -> MaskSAM:
-    """Build an untrained MaskSAM for ``config`` (random SAM weights; load a checkpoint next)."""
-    return BUILDERS[config.backbone.name](config)
+    """Build an untrained MaskSAM for ``config`` (random SAM weights; load a checkpoint next).
+
+    The builder is the one the backbone table names (``MaskSAMLib/backbones.py``).
+    """
+    builder: Callable[[ModelConfig], MaskSAM] = backbone_spec(
+        config.backbone.name).load_builder()
+    return builder(config)
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -274,8 +272,8 @@ def create_model(
     img_size: int | None = None,
     num_slices: int = 3,
     num_queries: int = 0,
-    in_channels: int = 1,
-    preprocessing: dict | None = None,
+    channel_names: list[str] | None = None,
+    preprocessing: PreprocessConfig | None = None,
     seed: int = 0,
     recipe: str = "paper",
 ) -> MaskSAM:
@@ -287,26 +285,26 @@ def create_model(
     from ..config import make_model_config
 
     provenance: dict[str, str] = {"backbone": backbone}
-    if backbone == "litemedsam":
+    spec = backbone_spec(backbone)
+    if spec.bundled_weights:
         from .litemedsam import find_litemedsam_checkpoint
 
         sam_checkpoint = sam_checkpoint or find_litemedsam_checkpoint()
-    elif backbone in ("vit_b", "vit_l", "vit_h") and sam_checkpoint is None:
-        official = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth",
-                    "vit_h": "sam_vit_h_4b8939.pth"}[backbone]
+    elif spec.pretrained and sam_checkpoint is None:
         raise MaskSAMError(
-            f"The {backbone} backbone needs Meta's official weights: pass --sam-checkpoint "
-            f"{official} (from the segment-anything project)."
+            f"The {backbone} backbone needs {spec.checkpoint_source}: pass --sam-checkpoint "
+            f"{spec.checkpoint}."
         )
-    elif backbone == "tiny" and sam_checkpoint is not None:
-        raise MaskSAMError("The tiny backbone has no pretrained weights; drop --sam-checkpoint.")
+    elif not spec.pretrained and sam_checkpoint is not None:
+        raise MaskSAMError(f"The {backbone} backbone has no pretrained weights; drop "
+                           "--sam-checkpoint.")
     state = None
     if sam_checkpoint is not None:
         state = load_checkpoint_file(sam_checkpoint)
         provenance.update(weights_provenance(sam_checkpoint))
     config = make_model_config(
         backbone=backbone, labels=labels, img_size=img_size, num_slices=num_slices,
-        num_queries=num_queries, in_channels=in_channels, preprocessing=preprocessing,
+        num_queries=num_queries, channel_names=channel_names, preprocessing=preprocessing,
         provenance=provenance, recipe=recipe,
     )
     with torch.random.fork_rng(devices=[]):

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
+from ..backbones import BACKBONE_TABLE
 from ..errors import MaskSAMError
 from ..files import atomic_directory, sha256_file, write_safetensors
 from .masksam import MaskSAM
 
 COMPACT_KEY = "compact"
-OFFICIAL_NAMES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth",
-                  "vit_h": "sam_vit_h_4b8939.pth"}
+OFFICIAL_NAMES = {name: spec.checkpoint for name, spec in BACKBONE_TABLE.items()
+                  if spec.checkpoint and not spec.bundled_weights}
 
 
 def base_checkpoint(backbone: str) -> Path:

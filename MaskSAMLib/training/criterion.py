@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 from .boxes import generalized_box_iou_elementwise
 from .matcher import HungarianMatcher, Indices, check_outputs, point_sample
+from .settings import LossWeights
 from .targets import DenseTargets, dense_targets, resolve_slice_valid, sample_label_masks
+
+_LOSS = LossWeights()  # the defaults of the training settings (settings.py)
 
 __all__ = ["SetCriterion", "all_reduce_mean", "uncertain_points"]
 
@@ -113,14 +116,14 @@ class SetCriterion(nn.Module):
         *,
         num_classes: int,
         matcher: Matcher | None = None,
-        no_object_weight: float = 0.1,
-        weight_class: float = 0.2,
-        weight_mask: float = 1.2,
-        weight_dice: float = 1.2,
-        weight_aux_mask: float = 0.5,
-        weight_aux_dice: float = 0.5,
-        weight_box_l1: float = 0.5,
-        weight_giou: float = 0.2,
+        no_object_weight: float = _LOSS.no_object_weight,
+        weight_class: float = _LOSS.weight_class,
+        weight_mask: float = _LOSS.weight_mask,
+        weight_dice: float = _LOSS.weight_dice,
+        weight_aux_mask: float = _LOSS.weight_aux_mask,
+        weight_aux_dice: float = _LOSS.weight_aux_dice,
+        weight_box_l1: float = _LOSS.weight_box_l1,
+        weight_giou: float = _LOSS.weight_giou,
         num_points: int = 12544,
         oversample_ratio: float = 2.0,
         importance_sample_ratio: float = 0.75,

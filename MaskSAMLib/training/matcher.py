@@ -21,7 +21,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .boxes import generalized_box_iou
+from .settings import MatchCosts
 from .targets import DenseTargets, dense_targets, resolve_slice_valid, sample_label_onehot
+
+_COSTS = MatchCosts()  # the defaults of the training settings (settings.py)
 
 __all__ = ["HungarianMatcher", "check_outputs", "point_sample", "sample_query_masks"]
 
@@ -119,14 +122,14 @@ class HungarianMatcher(nn.Module):
     def __init__(
         self,
         *,
-        cost_class: float = 0.2,
-        cost_mask: float = 1.2,
-        cost_dice: float = 1.2,
-        cost_box_l1: float = 0.5,
-        cost_giou: float = 0.2,
-        cost_aux_mask: float = 0.5,
-        cost_aux_dice: float = 0.5,
-        num_points: int = 12544,
+        cost_class: float = _COSTS.cost_class,
+        cost_mask: float = _COSTS.cost_mask,
+        cost_dice: float = _COSTS.cost_dice,
+        cost_box_l1: float = _COSTS.cost_box_l1,
+        cost_giou: float = _COSTS.cost_giou,
+        cost_aux_mask: float = _COSTS.cost_aux_mask,
+        cost_aux_dice: float = _COSTS.cost_aux_dice,
+        num_points: int = _COSTS.num_points,
     ) -> None:
         super().__init__()
         weights = {

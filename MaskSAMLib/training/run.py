@@ -2,37 +2,43 @@
 
 Starting points: a backbone (``--backbone`` [+ ``--sam-checkpoint``]), an existing model folder
 (``--init``, fine-tuning; new classes grow the class head, removed classes are refused), or the
-output folder's own checkpoint (``--resume``). The dataset is validated before anything is
-written; the output folder is locked while the run writes. Under ``torchrun`` the run is
-distributed (NCCL on CUDA, gloo on CPU) and only rank 0 writes.
+output folder's own checkpoint (``--resume``). Every option, the dataset, the split and
+the starting model are checked before anything is written to ``--out`` or any case is
+preprocessed; the output folder is locked while the run writes. The split of a run is stored
+with it (``training/split.json``) and reused on ``--resume``, as are its training settings
+(``training/settings.json``: augmentation, loss and matching-cost weights). Under ``torchrun``
+the run is distributed (NCCL on CUDA, gloo on CPU) and only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..config import RECIPES, LabelSpec, ModelConfig, make_labels
+from ..config import RECIPES, LabelSpec, ModelConfig, default_img_size, make_labels
 from ..data.dataset_json import DatasetSpec, load_dataset, validate_dataset
 from ..data.planning import plan_preprocessing
 from ..data.preprocessing import PreprocessConfig
 from ..devices import device_info, half_dtype, resolve_device
-from ..errors import MaskSAMError
+from ..errors import MaskSAMError, UsageError
 from ..files import FolderLock, atomic_path, write_safetensors
 from ..modeling.build import CONFIG_NAME, build_masksam, create_model, load_model_dir
 from ..modeling.masksam import MaskSAM
+from ..modeling.surgery import extend_classes
 from ..progress import Progress
-from .cases import default_cache_dir, prepare_cases, split_cases
+from .cases import default_cache_dir, prepare_cases, random_split, read_split_file, select_split
 from .checkpoint import load_checkpoint
+from .settings import SETTINGS_NAME, SPLIT_NAME, TrainConfig, read_split, write_split
 from .trainer import Trainer, TrainOptions
+
+__all__ = ["TrainRequest", "check_spacing", "dataset_labels", "extend_classes", "train"]
 
 
 @dataclass
@@ -68,47 +74,6 @@ def dataset_labels(spec: DatasetSpec) -> list[LabelSpec]:
     if len(ordered) < 2:
         raise MaskSAMError(f"{spec.folder}: dataset.json declares no class besides background.")
     return make_labels([n for n, _ in ordered], [v for _, v in ordered])
-
-
-def extend_classes(model: MaskSAM, labels: list[LabelSpec]) -> list[str]:
-    """Grow the class head for classes the dataset adds; old classes keep their weights.
-
-    Returns the added class names. Removed classes and too few queries are refused.
-    """
-    old = [lab.name for lab in model.config.labels]
-    names = [lab.name for lab in labels]
-    removed = [n for n in old if n not in names]
-    if removed:
-        raise MaskSAMError(
-            f"The dataset lacks classes {removed} of the starting model; removing classes is not "
-            "supported: declare them in dataset.json (they may be absent from the images) or "
-            "start from a backbone with --backbone."
-        )
-    added = [lab for lab in labels if lab.name not in old]
-    if not added:
-        return []
-    k_old, k_new = len(old), len(old) + len(added)
-    if k_new > model.num_queries:
-        raise MaskSAMError(
-            f"The starting model has {model.num_queries} queries, too few for {k_new} classes; "
-            "start from a backbone with --backbone."
-        )
-    taken = {lab.value for lab in model.config.labels}
-    for lab in added:
-        if lab.value in taken:
-            lab.value = max(taken) + 1
-        taken.add(lab.value)
-    old_head = model.class_head
-    head = nn.Linear(old_head.in_features, k_new + 1).to(old_head.weight.device)
-    with torch.no_grad():
-        head.weight[:k_old] = old_head.weight[:k_old]
-        head.bias[:k_old] = old_head.bias[:k_old]
-        head.weight[k_new] = old_head.weight[k_old]  # the no-object row
-        head.bias[k_new] = old_head.bias[k_old]
-    model.class_head = head
-    model.config.labels = list(model.config.labels) + added
-    model.num_classes = k_new
-    return [lab.name for lab in added]
 
 
 def _restartable(out: Path) -> bool:
@@ -150,56 +115,49 @@ def check_spacing(spacing: object) -> tuple[float, float, float]:
     except (TypeError, ValueError):
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) and 0.05 <= v <= 50.0 for v in values):
-        raise MaskSAMError(f"--spacing needs three values X Y Z in mm from 0.05 to 50, got "
-                           f"{spacing!r}; e.g. --spacing 1.5 1.5 3.")
+        raise UsageError(f"--spacing needs three values X Y Z in mm from 0.05 to 50, got "
+                         f"{spacing!r}; e.g. --spacing 1.5 1.5 3.")
     return values  # type: ignore[return-value]
 
 
-def _apply_spacing(pre: dict, request: TrainRequest, progress: Progress) -> dict:
+def _apply_spacing(
+    plan: PreprocessConfig, request: TrainRequest, progress: Progress
+) -> PreprocessConfig:
     if request.target_spacing is None:
-        return pre
-    planned = pre.get("target_spacing")
-    pre = {**pre, "target_spacing": list(check_spacing(request.target_spacing))}
-    progress.log(f"Target spacing {pre['target_spacing']} mm (--spacing; planned {planned}).")
-    return pre
+        return plan
+    planned = list(plan.target_spacing)
+    plan = dataclasses.replace(plan, target_spacing=request.target_spacing)
+    progress.log(f"Target spacing {list(plan.target_spacing)} mm (--spacing; planned {planned}).")
+    return plan
 
 
-def check_split(request: TrainRequest, spec: DatasetSpec) -> None:
-    """``--val-fraction`` and ``--split`` checked against the dataset before anything is
-    written to ``--out`` (a mistake there used to leave a started folder behind)."""
-    if request.split_file is None:
-        if not (isinstance(request.val_fraction, (int, float))
-                and 0 <= request.val_fraction < 1):
-            raise MaskSAMError(f"--val-fraction must be in [0, 1), got {request.val_fraction}; "
-                               "e.g. 0.2 keeps a fifth of the cases for validation.")
-        return
-    from ..files import read_small_file
+def _labelled_ids(spec: DatasetSpec) -> list[str]:
+    """The cases training uses (those with a label map), in dataset order."""
+    return [c.case_id for c in spec.cases if c.label_path is not None]
 
-    path = Path(request.split_file)
-    example = '{"train": ["case1", ...], "val": ["case9", ...]}'
-    try:
-        split = json.loads(read_small_file(path, max_bytes=16 << 20, what="Split file"))
-    except FileNotFoundError:
-        raise MaskSAMError(f"Split file {path} does not exist; check the path.") from None
-    except ValueError as exc:
-        raise MaskSAMError(
-            f"Split file {path} is not valid JSON ({exc}); write {example}.") from None
-    if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not isinstance(
-            split.get("val", []), list):
-        raise MaskSAMError(f"Split file {path} must be JSON like {example}.")
-    train_ids, val_ids = split["train"], split.get("val", [])
-    if not train_ids:
-        raise MaskSAMError(f"Split file {path} names no training case.")
-    known = {c.case_id for c in spec.cases}
-    unknown = [i for i in train_ids + val_ids if not isinstance(i, str) or i not in known]
-    if unknown:
-        raise MaskSAMError(f"Split file {path} names cases {unknown[:3]} that are not in "
-                           f"{spec.folder} (case ids are label file names without extension).")
-    listed = train_ids + val_ids
-    twice = sorted({i for i in listed if listed.count(i) > 1})
-    if twice:
-        raise MaskSAMError(f"Split file {path} names cases {twice[:3]} more than once (or in "
-                           "both train and val); list each case once.")
+
+def plan_split(request: TrainRequest, spec: DatasetSpec, seed: int) -> dict[str, list[str]]:
+    """The case ids of the training and validation sets, before any case is preprocessed.
+
+    A new run: the ``--split`` file (checked against the dataset) or a seeded random
+    ``--val-fraction``. ``--resume``: the split the run stored when it started; a ``--split``
+    that differs from it is refused (a run from before splits were stored splits as it did).
+    """
+    ids = _labelled_ids(spec)
+    asked = read_split_file(request.split_file, ids) if request.split_file is not None else None
+    if request.resume:
+        stored = read_split(request.out / "training" / SPLIT_NAME)
+        if stored is not None:
+            if asked is not None and asked != stored:
+                raise UsageError(
+                    f"--split {request.split_file} differs from the split this run started with "
+                    f"({request.out / 'training' / SPLIT_NAME}); leave --split out to continue "
+                    "the run, or start a new one.")
+            return stored
+    split = asked or random_split(ids, val_fraction=request.val_fraction, seed=seed)
+    if not split["train"]:
+        raise MaskSAMError(f"{spec.folder} has no labelled case to train on.")
+    return split
 
 
 def _undo_setup(out: Path, existed: bool) -> None:
@@ -216,18 +174,16 @@ def _undo_setup(out: Path, existed: bool) -> None:
             out.rmdir()
 
 
-def _write_config(config: ModelConfig, out: Path) -> None:
-    config.save(out / CONFIG_NAME)
-
-
 def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> dict:
-    """Validate, set up and run one training; returns the trainer's summary."""
+    """Check everything, set up and run one training; returns the trainer's summary.
+
+    ``options`` were validated when made (:class:`TrainOptions`).
+    """
     rank, world, local = _distributed()
-    options.validate()
     if request.target_spacing is not None:
         if request.resume:
-            raise MaskSAMError("--spacing cannot change on --resume: the run keeps the spacing "
-                               "it started with; leave --spacing out.")
+            raise UsageError("--spacing cannot change on --resume: the run keeps the spacing "
+                             "it started with; leave --spacing out.")
         request.target_spacing = check_spacing(request.target_spacing)
     _check_out(request)
     device = resolve_device(request.device)
@@ -244,7 +200,13 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
     spec = load_dataset(request.dataset)
     validate_dataset(spec)
     labels = dataset_labels(spec)
-    check_split(request, spec)
+    split = plan_split(request, spec, options.seed)
+    # The starting model, its preprocessing plan and its settings, in memory: a mistake in
+    # any of them is refused here, before --out is touched.
+    model, state, settings = _model_for(request, spec, labels, progress)
+    settings = settings.with_options(options)
+    config = model.config
+    plan = config.require_preprocessing()
 
     lock = None
     existed = request.out.exists()
@@ -253,25 +215,19 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
         lock = FolderLock(request.out).acquire("Another training run")
     started = False
     try:
-        model, state = _model_for(request, spec, labels, progress)
-        config = model.config
-        pre = PreprocessConfig.from_dict(config.preprocessing)
+        if rank == 0:
+            _write_run(model, settings, split, request, fresh=state is None)
         class_names = [lab.name for lab in config.labels]
         progress.start("preprocess", total=len(spec.cases))
         if world > 1 and rank != 0:
             torch.distributed.barrier()  # rank 0 fills the cache first; the others read it
         cases = prepare_cases(
-            spec, pre, class_names, cache_dir=request.cache_dir,
+            spec, plan, class_names, cache_dir=request.cache_dir,
             on_case=lambda i, n, cid: progress.update(i, n, message=cid),
         )
         if world > 1 and rank == 0:
             torch.distributed.barrier()
-        train_cases, val_cases = split_cases(
-            cases, val_fraction=request.val_fraction, seed=options.seed,
-            split_file=request.split_file,
-        )
-        if not train_cases:
-            raise MaskSAMError("No training cases left after the validation split.")
+        train_cases, val_cases = select_split(cases, split)
         model.to(device)
         encoded = None
         if model.caches_encoder:
@@ -287,13 +243,11 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
         progress.log(f"{len(train_cases)} training and {len(val_cases)} validation cases; "
                      f"{config.backbone.name}, T={config.num_slices}, N={config.num_queries}, "
                      f"input {config.img_size}, device {device}")
-        if options.decoder_chunk is None and device.type == "cpu":
-            options.decoder_chunk = 8
         trainer = Trainer(
             model=model, train_cases=train_cases, val_cases=val_cases, options=options,
             out_dir=request.out, device=device, progress=progress,
             amp_dtype=half_dtype(device), rank=rank, world_size=world, encoded=encoded,
-            val_encoded=encoded,
+            val_encoded=encoded, settings=settings,
         )
         if state is not None:
             trainer.load_state(state)
@@ -309,7 +263,7 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
                 "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
             })
-            _write_config(config, request.out)
+            config.save(request.out / CONFIG_NAME)
         return summary
     except BaseException:
         if rank == 0 and not started and not request.resume:  # nothing to resume: undo
@@ -325,16 +279,36 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
             torch.distributed.destroy_process_group()
 
 
+def _write_run(model: MaskSAM, settings: TrainConfig, split: dict[str, list[str]],
+               request: TrainRequest, *, fresh: bool) -> None:
+    """What a run keeps in ``--out`` from its start: the starting weights and config.json (a
+    new run, or one restarting from iteration 0), the training settings and the split."""
+    out = request.out
+    training = out / "training"
+    training.mkdir(parents=True, exist_ok=True)
+    if not request.resume:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(training / "base.safetensors") as tmp:
+            write_safetensors(state, tmp, metadata={"format": "pt"})
+        model.config.save(out / CONFIG_NAME)
+    if fresh or not (training / SETTINGS_NAME).is_file():
+        settings.save(training / SETTINGS_NAME)
+    if not (training / SPLIT_NAME).is_file():
+        write_split(training / SPLIT_NAME, split)
+
+
 def _model_for(
     request: TrainRequest, spec: DatasetSpec, labels: list[LabelSpec], progress: Progress
-) -> tuple[MaskSAM, dict | None]:
-    """The model to train, and the resume state (None for a fresh run)."""
+) -> tuple[MaskSAM, dict | None, TrainConfig]:
+    """The model to train, the resume state (None for a fresh run) and the stored training
+    settings (of the run on --resume, of the starting model on --init). Writes nothing."""
     from safetensors.torch import load_file
 
     out = request.out
     base = out / "training" / "base.safetensors"
     if request.resume:
         config = ModelConfig.load(out / CONFIG_NAME)
+        settings = TrainConfig.load(out / "training" / SETTINGS_NAME)
         model = build_masksam(config)
         if not base.is_file():
             raise MaskSAMError(f"{base} is missing; the run cannot be resumed. Start a new one.")
@@ -346,43 +320,43 @@ def _model_for(
         checkpoint = out / "training" / "checkpoint.pt"
         if not checkpoint.is_file():
             progress.log("No checkpoint yet: the run restarts from iteration 0.")
-            return model, None
-        return model, load_checkpoint(checkpoint)
+            return model, None, settings
+        return model, load_checkpoint(checkpoint), settings
 
     if request.init is not None:
         model = load_model_dir(request.init)
+        settings = TrainConfig.load(Path(request.init) / "training" / SETTINGS_NAME)
         added = extend_classes(model, labels)
         if added:
             progress.log(f"New classes {added}: the class head grows; old classes keep weights.")
-        pre = model.config.preprocessing
-        if "target_spacing" not in pre:
-            pre = plan_preprocessing(spec).to_dict()
-        model.config.preprocessing = _apply_spacing(pre, request, progress)
+        plan = model.config.preprocessing
+        if plan is None:  # created by 'masksam init': planned from this dataset
+            plan = plan_preprocessing(spec)
+            _check_channels(model.config, spec)
+            model.config.channel_names = list(plan.channel_names)
+        model.config.preprocessing = _apply_spacing(plan, request, progress)
         model.config.provenance["init_model"] = str(request.init)
     else:
         recipe = request.recipe or "paper"
-        pre = _apply_spacing(plan_preprocessing(spec).to_dict(), request, progress)
+        plan = _apply_spacing(plan_preprocessing(spec), request, progress)
         if recipe == "cpu":
             # Whole slices fitted to the input (as the 2D backbones were pretrained): one
             # window per slice, whose encoder output is then cached.
-            from ..config import default_img_size
-
-            pre["fit_size"] = request.img_size or default_img_size(request.backbone)
+            plan = dataclasses.replace(
+                plan, fit_size=request.img_size or default_img_size(request.backbone))
         model = create_model(
             backbone=request.backbone, labels=labels, sam_checkpoint=request.sam_checkpoint,
             img_size=request.img_size, num_slices=request.num_slices,
-            num_queries=request.num_queries, in_channels=len(spec.channel_names),
-            preprocessing=pre, recipe=recipe,
+            num_queries=request.num_queries, preprocessing=plan, recipe=recipe,
         )
-    if model.config.in_channels != len(spec.channel_names):
+        settings = TrainConfig()
+    _check_channels(model.config, spec)
+    return model, None, settings
+
+
+def _check_channels(config: ModelConfig, spec: DatasetSpec) -> None:
+    if config.in_channels != len(spec.channel_names):
         raise MaskSAMError(
-            f"The model takes {model.config.in_channels} channel(s) but the dataset has "
+            f"The model takes {config.in_channels} channel(s) but the dataset has "
             f"{len(spec.channel_names)}; use a matching dataset or start from a backbone."
         )
-    if _distributed()[0] == 0:
-        (out / "training").mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        with atomic_path(base) as tmp:
-            write_safetensors(state, tmp, metadata={"format": "pt"})
-        _write_config(model.config, out)
-    return model, None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.loader import AugmentConfig, Case, PatchSampler, batch_loader
+from ..data.loader import Case, PatchSampler, batch_loader
+from ..devices import decoder_chunk_for
 from ..errors import Interrupted, MaskSAMError
 from ..evaluation import dice_score
 from ..files import atomic_path, write_safetensors
@@ -34,54 +35,12 @@ from ..modeling.masksam import MaskSAM
 from ..progress import Progress
 from . import checkpoint as ckpt
 from .criterion import SetCriterion
+from .matcher import HungarianMatcher
+from .settings import TrainConfig, TrainOptions
+
+__all__ = ["STOP_FILE", "TrainConfig", "TrainOptions", "Trainer", "poly_lr"]
 
 STOP_FILE = "STOP"
-
-
-@dataclass
-class TrainOptions:
-    """Optimisation and bookkeeping settings of one run."""
-
-    iterations: int = 1000
-    batch_size: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 3e-5
-    eps: float = 1e-4
-    poly_power: float = 0.9
-    grad_clip: float = 12.0
-    accumulate: int = 1
-    seed: int = 0
-    checkpoint_every: int = 50
-    val_every: int = 100
-    log_every: int = 1
-    workers: int = 1
-    decoder_chunk: int | None = None
-    num_points: int = 12544
-    augment: bool = True
-    # Stop cleanly (checkpoint, exit 130, continue with --resume) after this many minutes of
-    # this call: a long run split into calls of a batch system or a lent machine's time limit.
-    time_limit_min: float | None = None
-
-    def validate(self) -> None:
-        for name in ("iterations", "batch_size", "accumulate", "checkpoint_every", "val_every"):
-            if getattr(self, name) < 1:
-                raise MaskSAMError(f"--{name.replace('_', '-')} must be at least 1.")
-        if not 0 < self.lr < 1e3:  # refuses nan and inf too: they only give non-finite weights
-            raise MaskSAMError(f"--lr must be a positive, finite number (e.g. 1e-3), got "
-                               f"{self.lr}.")
-        if self.workers < 0:
-            raise MaskSAMError("--workers must be 0 or more.")
-        if self.time_limit_min is not None and not self.time_limit_min > 0:
-            raise MaskSAMError(f"--time-limit must be a positive number of minutes, got "
-                               f"{self.time_limit_min}.")
-        if self.num_points < 1:
-            raise MaskSAMError(f"--num-points must be at least 1, got {self.num_points}.")
-        if self.decoder_chunk is not None and self.decoder_chunk < 1:
-            raise MaskSAMError(f"--decoder-chunk must be at least 1 (or left out), got "
-                               f"{self.decoder_chunk}.")
-        for name in ("weight_decay", "eps", "poly_power", "grad_clip"):
-            if not 0 <= getattr(self, name) < float("inf"):
-                raise MaskSAMError(f"{name} must be a finite number >= 0.")
 
 
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
@@ -102,11 +61,13 @@ class Trainer:
     Args:
         model: the MaskSAM to train (already on ``device``); DDP-wrapped inside if distributed.
         train_cases / val_cases: preprocessed cases.
-        options: :class:`TrainOptions`.
+        options: :class:`TrainOptions` (validated when made).
         out_dir: the output model folder (locked by the caller).
         device: torch device.
         progress: progress reporter (only rank 0 reports).
         rank / world_size: DDP coordinates (0 / 1 when not distributed).
+        settings: augmentation and loss / matching-cost weights (:class:`TrainConfig`; its
+            ``options`` are replaced by ``options``); the defaults when None.
     """
 
     def __init__(
@@ -124,10 +85,13 @@ class Trainer:
         world_size: int = 1,
         encoded: dict | None = None,
         val_encoded: dict | None = None,
+        settings: TrainConfig | None = None,
     ) -> None:
-        options.validate()
+        self.settings = (settings or TrainConfig()).with_options(options)
         self.model = model
         self.options = options
+        # Queries per decoder pass, given to every forward (the shared model is not changed).
+        self.decoder_chunk = decoder_chunk_for(device.type, options.decoder_chunk)
         self.out_dir = Path(out_dir)
         self.train_dir = self.out_dir / "training"
         self.device = device
@@ -157,12 +121,14 @@ class Trainer:
                 size=model.img_size,
                 batch_size=options.batch_size,
                 seed=options.seed,
-                augment=AugmentConfig(enabled=options.augment),
+                augment=self.settings.augment,
                 class_names=names,
                 item_offset=rank * options.batch_size,
             )
+        matcher = HungarianMatcher(**asdict(self.settings.matching))
         self.criterion = SetCriterion(
-            num_classes=model.num_classes, num_points=options.num_points
+            num_classes=model.num_classes, matcher=matcher, num_points=options.num_points,
+            **asdict(self.settings.loss),
         ).to(device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -177,7 +143,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._stop_reason: str | None = None
         self._started = time.monotonic()
-        model.decoder_chunk = options.decoder_chunk
         self.net: nn.Module = model
         if world_size > 1:
             self.net = nn.parallel.DistributedDataParallel(
@@ -293,7 +258,7 @@ class Trainer:
                 extra = ((neck.to(self.device), [f.to(self.device) for f in feats]),)
             with torch.autocast(self.device.type, dtype=self.amp_dtype,
                                 enabled=self.amp_dtype is not None):
-                outputs = self.net(image, *extra)
+                outputs = self.net(image, *extra, decoder_chunk=self.decoder_chunk)
             outputs = {k: v.float() for k, v in outputs.items()}
             losses = self.criterion(outputs, label)
             loss = losses["loss"] / len(batches)
@@ -333,7 +298,7 @@ class Trainer:
                         self._val_encodings[case.case_id] = cache
                 pred = sliding_window_labels(
                     image, self.model, step=0.5, device=self.device, amp_dtype=self.amp_dtype,
-                    encoder_cache=cache,
+                    encoder_cache=cache, decoder_chunk=self.decoder_chunk,
                 )
                 for k, name in enumerate(names[1:], start=1):
                     per_class[name].append(dice_score(pred == k, case.label == k))
