@@ -253,6 +253,10 @@ DAMAGE = {
         lambda m: _edit_config(m, lambda d: d["labels"].pop()), "has shape"),
     "in_channels 0": (lambda m: _edit_config(m, lambda d: d.update(in_channels=0)),
                       "in_channels"),
+    "in_channels not the plan's channels": (
+        lambda m: _edit_config(m, lambda d: d.update(in_channels=2)), "in_channels is 2"),
+    "a newer format_version": (
+        lambda m: _edit_config(m, lambda d: d.update(format_version=2)), "format_version 2"),
     "negative img_size": (lambda m: _edit_config(m, lambda d: d.update(img_size=-64)),
                           "img_size"),
     "negative embed_dim": (

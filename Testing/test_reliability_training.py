@@ -79,8 +79,113 @@ def test_bad_options_are_refused_before_out_is_touched(capsys, tmp_path, phantom
     out = tmp_path / "run"
     code, err = run(capsys, train_args(phantoms, out, *extra))
     lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and expected in lines[0], err
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err  # usage errors
     assert not out.exists()
+
+
+# Refused before --out is touched or any case is preprocessed (issue 10): the exit code, and
+# the corrected command that then starts in the same (empty) --out.
+REFUSED_EARLY = {
+    "--val-fraction 2": (["--val-fraction", "2"], 2, "--val-fraction"),
+    "--split naming an unknown case": (
+        lambda t: ["--split", _split(t, {"train": ["nope"]})], 2, "not in the dataset"),
+    "--split with no training case": (
+        lambda t: ["--split", _split(t, {"train": [], "val": [f"{CASE_PREFIX}_000"]})], 2,
+        "no training case"),
+    "--img-size the backbone cannot take": (["--img-size", "60"], 1, "img_size 60"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_EARLY), ids=list(REFUSED_EARLY))
+def test_a_refused_command_writes_nothing_and_the_corrected_one_starts(
+        capsys, tmp_path, phantoms, case):
+    extra, exit_code, expected = REFUSED_EARLY[case]
+    extra = extra(tmp_path) if callable(extra) else extra
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    out.mkdir()  # an empty folder the user made: not even a lock file may appear in it
+    before = out.stat().st_mtime_ns
+    code, err = run(capsys, train_args(phantoms, out, "--cache-dir", cache, *extra))
+    lines = err.strip().splitlines()
+    assert code == exit_code and len(lines) == 1 and expected in lines[0], err
+    assert not any(out.iterdir()) and out.stat().st_mtime_ns == before  # nothing came and went
+    assert not cache.exists()  # no case was preprocessed
+    code, err = run(capsys, train_args(phantoms, out, "--cache-dir", cache, "--iterations", "1"))
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and (out / "training" / "split.json").is_file()
+
+
+def _log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "training" / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_reuses_the_stored_split_and_refuses_another(capsys, tmp_path, phantoms):
+    out = tmp_path / "run"
+    code, err = run(capsys, train_args(phantoms, out, "--val-fraction", "0.34"))
+    assert code == 0, err
+    stored = json.loads((out / "training" / "split.json").read_text())
+    assert len(stored["train"]) == 2 and len(stored["val"]) == 1
+    # --val-fraction 0 would leave no validation case: the resumed run keeps the stored split
+    # (and so validates at its last iteration, 3).
+    code, err = run(capsys, train_args(phantoms, out, "--iterations", "3", "--resume"))
+    assert code == 0, err
+    assert json.loads((out / "training" / "split.json").read_text()) == stored
+    assert any(r.get("iteration") == 3 and "validation" in r for r in _log_records(out))
+    other = _split(tmp_path, {"train": stored["train"] + stored["val"]})
+    code, err = run(capsys, train_args(phantoms, out, "--iterations", "4", "--resume",
+                                       "--split", other))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "differs from the split" in lines[0], err
+    assert load_checkpoint(out / "training" / "checkpoint.pt")["iteration"] == 3
+    same = _split(tmp_path, stored)
+    code, err = run(capsys, train_args(phantoms, out, "--iterations", "4", "--resume",
+                                       "--split", same))
+    assert code == 0, err
+
+
+def test_training_settings_are_saved_and_read_back_on_init(capsys, tmp_path, phantoms,
+                                                          monkeypatch):
+    from MaskSAMLib.training import trainer as trainer_module
+    from MaskSAMLib.training.settings import TrainConfig
+
+    first = tmp_path / "first"
+    code, err = run(capsys, train_args(phantoms, first))
+    assert code == 0, err
+    saved = json.loads((first / "training" / "settings.json").read_text())
+    assert saved["loss"] == {**saved["loss"], "weight_class": 0.2, "no_object_weight": 0.1}
+    assert saved["matching"]["cost_mask"] == 1.2 and saved["augment"]["p_rotation"] == 0.2
+    assert saved["options"]["iterations"] == 2 and saved["options"]["num_points"] == 64
+    saved["loss"]["weight_class"] = 0.7
+    saved["matching"]["cost_dice"] = 2.5
+    (first / "training" / "settings.json").write_text(json.dumps(saved))
+
+    used = {}
+    real = trainer_module.SetCriterion
+
+    def recording(**kwargs):
+        used.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(trainer_module, "SetCriterion", recording)
+    second = tmp_path / "second"
+    code, err = run(capsys, ["train", str(phantoms), "--out", str(second), "--init", str(first),
+                             *train_args(phantoms, second)[6:]])
+    assert code == 0, err
+    assert used["weight_class"] == 0.7 and used["matcher"].cost_dice == 2.5
+    again = TrainConfig.load(second / "training" / "settings.json")
+    assert again.loss.weight_class == 0.7 and again.matching.cost_dice == 2.5
+
+
+def test_settings_of_a_newer_format_are_refused_naming_the_version(tmp_path):
+    from MaskSAMLib.training.settings import TrainConfig
+
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({**TrainConfig().to_dict(), "format_version": 7}))
+    with pytest.raises(MaskSAMError, match="format_version 7"):
+        TrainConfig.load(path)
+    path.write_text(json.dumps({**TrainConfig().to_dict(),
+                                "loss": {"weight_class": float("nan")}}))
+    with pytest.raises(MaskSAMError, match="weight_class"):
+        TrainConfig.load(path)
 
 
 def test_a_fresh_run_failing_in_setup_leaves_nothing_and_the_rerun_works(
