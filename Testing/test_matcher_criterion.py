@@ -15,6 +15,7 @@ from MaskSAMLib.training.boxes import (
 )
 from MaskSAMLib.training.criterion import SetCriterion, uncertain_points
 from MaskSAMLib.training.matcher import HungarianMatcher
+from MaskSAMLib.training.settings import MatchCosts
 from MaskSAMLib.training.targets import (
     sample_label_masks,
     sample_label_onehot,
@@ -193,7 +194,7 @@ def test_matcher_recovers_known_permutation(term: str) -> None:
     labels = quadrant_labels(2, 3, seed=1)
     outputs, perms, targets = permuted_predictions(labels, 5, queries=7, seed=2)
     weights = {} if term == "all" else {name: float(name == term) for name in COST_TERMS}
-    matcher = HungarianMatcher(num_points=400, **weights)
+    matcher = HungarianMatcher(costs=MatchCosts(num_points=400, **weights))
     indices = matcher(outputs, labels)
     for b in range(2):
         for t in range(3):
@@ -215,7 +216,7 @@ def test_matcher_cost_matrix_hand_values() -> None:
         "aux_boxes": torch.tensor([[[[0.0, 0.0, 0.5, 1.0], [0.2, 0.2, 0.6, 0.6]]]]),
     }
     points = 64
-    cost = HungarianMatcher(num_points=points).cost_matrix(outputs, labels)
+    cost = HungarianMatcher(costs=MatchCosts(num_points=points)).cost_matrix(outputs, labels)
     assert cost.shape == (1, 1, 2, 2) and cost.dtype == torch.float32
 
     def dice_full(x: float) -> float:  # target 1 at every point
@@ -246,7 +247,7 @@ def test_too_many_targets_for_queries_is_refused() -> None:
     labels = torch.tensor([0, 1, 2, 0]).view(1, 1, 2, 2)
     outputs = random_outputs(1, 1, 2, 3, 2)
     with pytest.raises(ValueError, match="3 target classes .* only 2 queries"):
-        HungarianMatcher(num_points=16)(outputs, labels)
+        HungarianMatcher(costs=MatchCosts(num_points=16))(outputs, labels)
     with pytest.raises(ValueError, match="only 2 queries"):
         SetCriterion(num_classes=3, num_points=16)(outputs, labels)
 
@@ -415,7 +416,8 @@ def test_optimizing_outputs_with_the_criterion_fits_the_labels() -> None:
     torch.manual_seed(0)
     labels = blocky_labels(1, 2, 16, 4, seed=9)
     params = {k: (0.5 * v).requires_grad_() for k, v in random_outputs(1, 2, 6, 4, 16, 10).items()}
-    crit = SetCriterion(num_classes=4, matcher=HungarianMatcher(num_points=256), num_points=256)
+    crit = SetCriterion(num_classes=4, matcher=HungarianMatcher(costs=MatchCosts(num_points=256)),
+                        num_points=256)
     opt = torch.optim.Adam(params.values(), lr=0.1)
     history = []
     for _ in range(50):

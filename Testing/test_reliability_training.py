@@ -170,7 +170,7 @@ def test_training_settings_are_saved_and_read_back_on_init(capsys, tmp_path, pha
     code, err = run(capsys, ["train", str(phantoms), "--out", str(second), "--init", str(first),
                              *train_args(phantoms, second)[6:]])
     assert code == 0, err
-    assert used["weight_class"] == 0.7 and used["matcher"].cost_dice == 2.5
+    assert used["weights"].weight_class == 0.7 and used["matcher"].cost_dice == 2.5
     again = TrainConfig.load(second / "training" / "settings.json")
     assert again.loss.weight_class == 0.7 and again.matching.cost_dice == 2.5
 

@@ -31,8 +31,6 @@ from .matcher import HungarianMatcher, Indices, check_outputs, point_sample
 from .settings import LossWeights
 from .targets import DenseTargets, dense_targets, resolve_slice_valid, sample_label_masks
 
-_LOSS = LossWeights()  # the defaults of the training settings (settings.py)
-
 __all__ = ["SetCriterion", "all_reduce_mean", "uncertain_points"]
 
 Matcher = Callable[[dict[str, Tensor], Tensor, Tensor], Indices]
@@ -99,10 +97,11 @@ class SetCriterion(nn.Module):
         num_classes: K, background included (``pred_logits`` has K + 1 channels).
         matcher: callable ``(outputs, labels, slice_valid) -> indices`` as
             :class:`HungarianMatcher` (the default, with its default weights).
-        no_object_weight: CE weight of the "no object" class.
-        weight_class, weight_mask, weight_dice, weight_aux_mask, weight_aux_dice,
-            weight_box_l1, weight_giou: loss weights (MaskSAM: 0.2, 1.2 AMOS / 1.5
-            ACDC-Synapse, same, 0.5, 0.5, 0.5, 0.2).
+        weights: the loss weights (:class:`LossWeights`, the training settings; the defaults
+            when None): ``no_object_weight``, the CE weight of the "no object" class, and
+            ``weight_class``, ``weight_mask``, ``weight_dice``, ``weight_aux_mask``,
+            ``weight_aux_dice``, ``weight_box_l1``, ``weight_giou`` (MaskSAM: 0.2, 1.2 AMOS /
+            1.5 ACDC-Synapse, same, 0.5, 0.5, 0.5, 0.2).
         num_points: points per matched mask for the mask losses.
         oversample_ratio, importance_sample_ratio: importance sampling (2.0, 0.75).
         losses: which loss groups to compute, among ``labels``, ``masks``, ``aux_masks``,
@@ -116,14 +115,7 @@ class SetCriterion(nn.Module):
         *,
         num_classes: int,
         matcher: Matcher | None = None,
-        no_object_weight: float = _LOSS.no_object_weight,
-        weight_class: float = _LOSS.weight_class,
-        weight_mask: float = _LOSS.weight_mask,
-        weight_dice: float = _LOSS.weight_dice,
-        weight_aux_mask: float = _LOSS.weight_aux_mask,
-        weight_aux_dice: float = _LOSS.weight_aux_dice,
-        weight_box_l1: float = _LOSS.weight_box_l1,
-        weight_giou: float = _LOSS.weight_giou,
+        weights: LossWeights | None = None,
         num_points: int = 12544,
         oversample_ratio: float = 2.0,
         importance_sample_ratio: float = 0.75,
@@ -157,17 +149,18 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = float(oversample_ratio)
         self.importance_sample_ratio = float(importance_sample_ratio)
         self.reduce_fn = reduce_fn if reduce_fn is not None else all_reduce_mean
+        w = weights or LossWeights()
         self.weight_dict = {
-            "loss_ce": float(weight_class),
-            "loss_mask": float(weight_mask),
-            "loss_dice": float(weight_dice),
-            "loss_aux_mask": float(weight_aux_mask),
-            "loss_aux_dice": float(weight_aux_dice),
-            "loss_bbox": float(weight_box_l1),
-            "loss_giou": float(weight_giou),
+            "loss_ce": float(w.weight_class),
+            "loss_mask": float(w.weight_mask),
+            "loss_dice": float(w.weight_dice),
+            "loss_aux_mask": float(w.weight_aux_mask),
+            "loss_aux_dice": float(w.weight_aux_dice),
+            "loss_bbox": float(w.weight_box_l1),
+            "loss_giou": float(w.weight_giou),
         }
         empty_weight = torch.ones(self.num_classes + 1)
-        empty_weight[-1] = no_object_weight
+        empty_weight[-1] = w.no_object_weight
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     # -- losses; each returns unweighted terms -------------------------------------------------

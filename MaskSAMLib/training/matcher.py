@@ -15,6 +15,8 @@ Points are normalized ``(x, y)`` in ``[0, 1]`` (x along W); sampling is bilinear
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -23,8 +25,6 @@ from torch import Tensor, nn
 from .boxes import generalized_box_iou
 from .settings import MatchCosts
 from .targets import DenseTargets, dense_targets, resolve_slice_valid, sample_label_onehot
-
-_COSTS = MatchCosts()  # the defaults of the training settings (settings.py)
 
 __all__ = ["HungarianMatcher", "check_outputs", "point_sample", "sample_query_masks"]
 
@@ -112,35 +112,18 @@ class HungarianMatcher(nn.Module):
     """One-to-one matching of queries to the classes present in each slice.
 
     Args:
-        cost_class: weight of ``-p(class)``.
-        cost_mask, cost_dice: weights of point BCE and Dice of ``pred_masks``.
-        cost_box_l1, cost_giou: weights of L1 and ``-GIoU`` of ``aux_boxes``.
-        cost_aux_mask, cost_aux_dice: weights of point BCE and Dice of ``aux_masks``.
-        num_points: random points per batch item (shared by its slices, queries and targets).
+        costs: the cost weights (:class:`MatchCosts`, the training settings): ``cost_class``
+            of ``-p(class)``; ``cost_mask``, ``cost_dice`` of point BCE and Dice of
+            ``pred_masks``; ``cost_box_l1``, ``cost_giou`` of L1 and ``-GIoU`` of
+            ``aux_boxes``; ``cost_aux_mask``, ``cost_aux_dice`` of point BCE and Dice of
+            ``aux_masks``; and ``num_points``, random points per batch item (shared by its
+            slices, queries and targets). The defaults when None.
     """
 
-    def __init__(
-        self,
-        *,
-        cost_class: float = _COSTS.cost_class,
-        cost_mask: float = _COSTS.cost_mask,
-        cost_dice: float = _COSTS.cost_dice,
-        cost_box_l1: float = _COSTS.cost_box_l1,
-        cost_giou: float = _COSTS.cost_giou,
-        cost_aux_mask: float = _COSTS.cost_aux_mask,
-        cost_aux_dice: float = _COSTS.cost_aux_dice,
-        num_points: int = _COSTS.num_points,
-    ) -> None:
+    def __init__(self, *, costs: MatchCosts | None = None) -> None:
         super().__init__()
-        weights = {
-            "cost_class": cost_class,
-            "cost_mask": cost_mask,
-            "cost_dice": cost_dice,
-            "cost_box_l1": cost_box_l1,
-            "cost_giou": cost_giou,
-            "cost_aux_mask": cost_aux_mask,
-            "cost_aux_dice": cost_aux_dice,
-        }
+        weights = {k: float(v) for k, v in asdict(costs or MatchCosts()).items()}
+        num_points = int(weights.pop("num_points"))
         for name, value in weights.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -148,14 +131,14 @@ class HungarianMatcher(nn.Module):
             raise ValueError("at least one matching cost weight must be positive")
         if num_points < 1:
             raise ValueError(f"num_points must be >= 1, got {num_points}")
-        self.cost_class = float(cost_class)
-        self.cost_mask = float(cost_mask)
-        self.cost_dice = float(cost_dice)
-        self.cost_box_l1 = float(cost_box_l1)
-        self.cost_giou = float(cost_giou)
-        self.cost_aux_mask = float(cost_aux_mask)
-        self.cost_aux_dice = float(cost_aux_dice)
-        self.num_points = int(num_points)
+        self.cost_class = weights["cost_class"]
+        self.cost_mask = weights["cost_mask"]
+        self.cost_dice = weights["cost_dice"]
+        self.cost_box_l1 = weights["cost_box_l1"]
+        self.cost_giou = weights["cost_giou"]
+        self.cost_aux_mask = weights["cost_aux_mask"]
+        self.cost_aux_dice = weights["cost_aux_dice"]
+        self.num_points = num_points
 
     def _needed_keys(self) -> tuple[str, ...]:
         keys = ["pred_logits"]

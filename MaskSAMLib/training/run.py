@@ -115,8 +115,8 @@ def check_spacing(spacing: object) -> tuple[float, float, float]:
     except (TypeError, ValueError):
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) and 0.05 <= v <= 50.0 for v in values):
-        raise UsageError(f"--spacing needs three values X Y Z in mm from 0.05 to 50, got "
-                         f"{spacing!r}; e.g. --spacing 1.5 1.5 3.")
+        raise MaskSAMError(f"--spacing needs three values X Y Z in mm from 0.05 to 50, got "
+                           f"{spacing!r}; e.g. --spacing 1.5 1.5 3.")
     return values  # type: ignore[return-value]
 
 
@@ -182,8 +182,8 @@ def train(request: TrainRequest, options: TrainOptions, progress: Progress) -> d
     rank, world, local = _distributed()
     if request.target_spacing is not None:
         if request.resume:
-            raise UsageError("--spacing cannot change on --resume: the run keeps the spacing "
-                             "it started with; leave --spacing out.")
+            raise MaskSAMError("--spacing cannot change on --resume: the run keeps the spacing "
+                               "it started with; leave --spacing out.")
         request.target_spacing = check_spacing(request.target_spacing)
     _check_out(request)
     device = resolve_device(request.device)

@@ -125,10 +125,9 @@ class Trainer:
                 class_names=names,
                 item_offset=rank * options.batch_size,
             )
-        matcher = HungarianMatcher(**asdict(self.settings.matching))
         self.criterion = SetCriterion(
-            num_classes=model.num_classes, matcher=matcher, num_points=options.num_points,
-            **asdict(self.settings.loss),
+            num_classes=model.num_classes, matcher=HungarianMatcher(costs=self.settings.matching),
+            num_points=options.num_points, weights=self.settings.loss,
         ).to(device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
