@@ -7,6 +7,8 @@ Output folder (a model folder that ``masksam segment`` uses directly)::
     model_last.safetensors              the last weights
     training/base.safetensors           the starting weights (frozen parts come from here)
     training/checkpoint.pt              resume state (weights_only-loadable)
+    training/settings.json              options, augmentation, loss / matching-cost weights
+    training/split.json                 the run's training and validation case ids
     training/log.jsonl                  one JSON line per logged iteration / validation
     .masksam.lock                       held while a run writes here
     STOP                                create it to ask the run to stop cleanly
