@@ -35,12 +35,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import __version__
+from .data.nifti_checks import incomplete_nifti
 from .errors import MaskSAMError
 from .files import (
     atomic_write_text,
     check_output_path,
     check_writable_folder,
-    incomplete_nifti,
     publish_together,
     read_small_file,
 )

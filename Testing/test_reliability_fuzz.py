@@ -28,10 +28,10 @@ from MaskSAMLib.config import ModelConfig, make_labels, make_model_config
 from MaskSAMLib.data.dataset_json import load_dataset, validate_dataset
 from MaskSAMLib.data.geometry import Geometry
 from MaskSAMLib.data.io import list_dicom_series, read_any, read_image_info, read_volume
+from MaskSAMLib.data.nifti_checks import incomplete_nifti
 from MaskSAMLib.data.phantoms import make_phantoms
 from MaskSAMLib.data.writers import write_label_map
 from MaskSAMLib.errors import MaskSAMError
-from MaskSAMLib.files import incomplete_nifti
 from MaskSAMLib.labels import parse_labels
 
 REPO = Path(__file__).resolve().parents[1]
