@@ -35,6 +35,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import __version__
+from .data.dataset_json import case_id
 from .data.nifti_checks import incomplete_nifti
 from .errors import MaskSAMError
 from .files import (
@@ -42,9 +43,8 @@ from .files import (
     check_output_path,
     check_writable_folder,
     publish_together,
-    read_small_file,
 )
-from .labels import parse_labels
+from .labels import read_label_file
 
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_VOXELS = 2_000_000_000  # refuse headers claiming more voxels than this before reading pixels
@@ -175,42 +175,6 @@ def default_labels(values: Sequence[int] | np.ndarray) -> dict[str, int]:
     return {f"label_{int(v)}": int(v) for v in sorted({int(v) for v in values}) if v != 0}
 
 
-def load_labels(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, int]:
-    """Label name -> value from a mapping, a ``dataset.json``, a model's ``config.json`` or a
-    folder holding one of them (a dataset or a model folder).
-
-    ``labels`` may be nnU-Net's ``{"background": 0, "liver": 1}``, MSD's
-    ``{"0": "background", "1": "liver"}`` or a model config's list of ``{"value", "name"}``.
-    Background 0 is required; region-based labels (lists/tuples of values) are refused.
-    """
-    where = "the labels"
-    if isinstance(source, Mapping):
-        raw: Any = source
-    else:
-        path = Path(source)
-        if path.is_dir():
-            candidates = [path / "dataset.json", path / "config.json"]
-            path = next((c for c in candidates if c.is_file()), candidates[0])
-        where = str(path)
-        try:
-            data = json.loads(read_small_file(path, max_bytes=64 << 20, what="Label file"))
-        except FileNotFoundError:
-            raise MaskSAMError(f"Label file {path} not found; pass a dataset.json or a model's "
-                               "config.json.") from None
-        except (OSError, ValueError) as exc:
-            raise MaskSAMError(f"Cannot read labels from {path}: {exc}.") from None
-        raw = data.get("labels") if isinstance(data, Mapping) else None
-        if isinstance(raw, list) and all(isinstance(e, Mapping) for e in raw):  # a model config
-            try:
-                raw = {str(e["name"]): e["value"] for e in raw}
-            except KeyError:
-                raw = None
-        if not isinstance(raw, Mapping):
-            raise MaskSAMError(f'{path} has no "labels" mapping like {{"background": 0, ...}} '
-                               "(a dataset.json) or label list (a model's config.json).")
-    return {str(k): v for k, v in parse_labels(dict(raw), source=where).items()}
-
-
 # --- files ------------------------------------------------------------------------------------
 
 
@@ -293,23 +257,15 @@ def _evaluate_pair(
     return entry, warnings
 
 
-def case_id(path: str | os.PathLike) -> str | None:
-    """File name without its label-map extension (``.nii.gz``, ``.seg.nrrd``...), else None."""
-    name = Path(path).name
-    for ext in LABEL_EXTENSIONS:
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return None
-
-
 def _index_folder(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise MaskSAMError(f"The {what} folder {folder} does not exist.")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        cid = case_id(path)
-        if cid is None or path.name.startswith(".") or not path.is_file():
+        if not path.name.lower().endswith(LABEL_EXTENSIONS) or path.name.startswith(".") \
+                or not path.is_file():
             continue
+        cid = case_id(path)
         if cid in found:
             raise MaskSAMError(
                 f"Case {cid!r} appears twice in {folder} ({found[cid].name}, {path.name}); "
@@ -326,8 +282,8 @@ def evaluate_files(
 ) -> dict[str, Any]:
     """Evaluate one prediction file against one reference file -> report (one case)."""
     pred, ref = Path(pred_path), Path(ref_path)
-    names = None if labels is None else load_labels(labels)
-    entry, warnings = _evaluate_pair(pred, ref, names, case_id(ref) or ref.name)
+    names = None if labels is None else read_label_file(labels).labels
+    entry, warnings = _evaluate_pair(pred, ref, names, case_id(ref))
     return _report([entry], names, pred, ref, warnings, {})
 
 
@@ -349,7 +305,7 @@ def evaluate_folders(
             f"No case in {pred_root} matches one in {ref_root}; files pair by name without "
             "extension (case01.nii.gz with case01.nrrd)."
         )
-    names = None if labels is None else load_labels(labels)
+    names = None if labels is None else read_label_file(labels).labels
     entries, warnings = [], []
     for cid in common:
         entry, notes = _evaluate_pair(preds[cid], refs[cid], names, cid)

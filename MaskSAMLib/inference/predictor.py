@@ -33,11 +33,11 @@ import SimpleITK as sitk
 import torch
 
 from ..data.geometry import Geometry, Volume
-from ..data.loader import has_lateralized_classes
 from ..data.preprocessing import PreprocessConfig, postprocess_labels, preprocess_case
 from ..data.writers import label_dtype
 from ..devices import half_dtype, resolve_device
 from ..errors import Interrupted, MaskSAMError
+from ..labels import has_lateralized_classes
 from ..modeling.masksam import MaskSAM
 from .budget import MemoryEstimate, check_memory_budget, estimate_prediction_memory
 from .sliding_window import count_windows, sliding_window_labels
@@ -67,12 +67,38 @@ class PredictOptions:
         return max(self.step, FAST_STEP) if self.fast else self.step
 
 
+@dataclass(frozen=True)
+class PredictionInfo:
+    """How a prediction was made: what the writers record (segment metadata, JSON sidecar).
+
+    Made by :meth:`Predictor.describe`, so that writing an output needs no ``Predictor``.
+    ``classes`` are writer entries ``{value, name, color, terminology}``, background first;
+    ``mirror_axes`` are the TTA axes of a ``(B, C, T, H, W)`` window (empty without TTA).
+    """
+
+    classes: list[dict[str, Any]]
+    model_dir: str | None
+    backbone: str
+    img_size: int
+    num_slices: int
+    num_queries: int
+    provenance: dict[str, Any]
+    device: str
+    step: float
+    fast: bool
+    tta: bool
+    mirror_axes: tuple[int, ...]
+    target_spacing: tuple[float, float, float]
+
+
 @dataclass
 class Prediction:
-    """A label map ``(z, y, x)`` of label values on the input's ``geometry``, with timings."""
+    """A label map ``(z, y, x)`` of label values on the input's ``geometry``, with timings and
+    ``info`` (how it was made)."""
 
     labels: np.ndarray
     geometry: Geometry
+    info: PredictionInfo = field(kw_only=True)
     timings: dict[str, float] = field(default_factory=dict)
     windows: int = 0
     preprocessed_shape: tuple[int, int, int] = (0, 0, 0)
@@ -80,8 +106,11 @@ class Prediction:
     def to_sitk(self) -> sitk.Image:
         return self.geometry.to_sitk(self.labels)
 
-    def segment_volumes(self, labels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``[{value, name, voxels, volume_ml}]`` for every foreground label of ``labels``."""
+    def segment_volumes(self, labels: Sequence[dict[str, Any]] | None = None
+                        ) -> list[dict[str, Any]]:
+        """``[{value, name, voxels, volume_ml}]`` for every foreground label of ``labels``
+        (default: the model's classes)."""
+        labels = self.info.classes if labels is None else labels
         counts = np.bincount(self.labels.reshape(-1), minlength=1)
         voxel_ml = float(np.prod(self.geometry.spacing)) / 1000.0
         out = []
@@ -159,6 +188,19 @@ class Predictor:
         sx, sy, sz = self.preprocessing.target_spacing
         f = FAST_INPLANE_SPACING
         return dataclasses.replace(self.preprocessing, target_spacing=(sx * f, sy * f, sz))
+
+    def describe(self, options: PredictOptions) -> PredictionInfo:
+        """The record of this model, device and ``options`` that every prediction carries."""
+        cfg = self.config
+        return PredictionInfo(
+            classes=self.labels,
+            model_dir=str(self.model_dir) if self.model_dir else None,
+            backbone=cfg.backbone.name, img_size=cfg.img_size, num_slices=cfg.num_slices,
+            num_queries=cfg.num_queries, provenance=dict(cfg.provenance), device=str(self.device),
+            step=options.effective_step, fast=options.fast, tta=options.tta,
+            mirror_axes=self.mirror_axes() if options.tta else (),
+            target_spacing=tuple(self.preprocess_config(options).target_spacing),  # type: ignore[arg-type]
+        )
 
     def estimate_memory(
         self, geometry: Geometry, options: PredictOptions | None = None, input_bytes: int = 4
@@ -239,7 +281,8 @@ class Predictor:
         labels = postprocess_labels(self._values[indices], properties)
         timings["postprocess"] = time.perf_counter() - start
         return Prediction(labels=labels, geometry=volumes[0].geometry, timings=timings,
-                          windows=total, preprocessed_shape=shape)  # type: ignore[arg-type]
+                          windows=total, preprocessed_shape=shape,  # type: ignore[arg-type]
+                          info=self.describe(options))
 
 
 def model_preprocessing(config: Any) -> PreprocessConfig:
