@@ -30,7 +30,7 @@ from ..files import (
 )
 from .dicom_seg import require_highdicom, write_dicom_seg
 from .inputs import CaseInput
-from .predictor import Prediction
+from .prediction import Prediction
 
 OUTPUT_EXTENSIONS = (*LABEL_EXTENSIONS, ".dcm")
 FORMATS = tuple(ext.lstrip(".") for ext in OUTPUT_EXTENSIONS)
