@@ -16,8 +16,9 @@ Conventions (also written into every report under ``"conventions"``):
   difference / reference volume, ``None`` when the reference is empty.
 - Means per class are over all evaluated cases for Dice and volumes, and over the cases where
   HD95 is defined for HD95 (``hd95_cases`` says how many).
-- Prediction and reference must share one grid (size, spacing, origin, direction, within a small
-  tolerance); a mismatch is an error, never a silent resample.
+- Prediction and reference must share one grid (size, spacing, origin, direction, within the
+  one tolerance of :meth:`MaskSAMLib.data.geometry.Geometry.differences`); a mismatch is an
+  error, never a silent resample.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from scipy import ndimage
 
 from . import __version__
 from .data.dataset_json import case_id
+from .data.geometry import Geometry
 from .data.nifti_checks import incomplete_nifti
 from .errors import MaskSAMError
 from .files import (
@@ -48,9 +50,6 @@ from .labels import read_label_file
 
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_VOXELS = 2_000_000_000  # refuse headers claiming more voxels than this before reading pixels
-SPACING_RTOL = 1e-4
-ORIGIN_TOL_VOXELS = 0.01  # origin tolerance, as a fraction of the smallest spacing
-DIRECTION_ATOL = 1e-4
 
 CONVENTIONS = {
     "dice_absent_from_both": 1.0,
@@ -196,24 +195,31 @@ def _read_header(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
+def _header_grid(reader: sitk.ImageFileReader) -> Geometry:
+    """The grid a header describes (a 2D label map as a one-slice grid)."""
+    size, spacing = reader.GetSize(), reader.GetSpacing()
+    origin, d = reader.GetOrigin(), reader.GetDirection()
+    if reader.GetDimension() == 2:
+        size, spacing, origin = (*size, 1), (*spacing, 1.0), (*origin, 0.0)
+        d = (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0)
+    try:
+        return Geometry(size, spacing, origin, d)
+    except ValueError as exc:
+        raise MaskSAMError(f"{reader.GetFileName()} has an invalid grid ({exc}).") from None
+
+
 def _check_same_grid(pred: sitk.ImageFileReader, ref: sitk.ImageFileReader) -> None:
     """Refuse (MaskSAMError) prediction/reference headers that do not describe one grid."""
-    spacing = ref.GetSpacing()
-    tolerances = {
-        "Size": 0.0,
-        "Spacing": SPACING_RTOL * max(spacing),
-        "Origin": ORIGIN_TOL_VOXELS * min(spacing),
-        "Direction": DIRECTION_ATOL,
-    }
-    for what, tol in tolerances.items():
-        a, b = getattr(pred, f"Get{what}")(), getattr(ref, f"Get{what}")()
-        if len(a) != len(b) or np.max(np.abs(np.subtract(a, b))) > tol:
-            raise MaskSAMError(
-                f"Prediction {pred.GetFileName()} and reference {ref.GetFileName()} differ in "
-                f"{what.lower()} ({[round(float(v), 4) for v in a]} vs "
-                f"{[round(float(v), 4) for v in b]}); evaluation never resamples: produce the "
-                "prediction on the reference's grid."
-            )
+    if pred.GetDimension() != ref.GetDimension():
+        problems = [f"size {pred.GetSize()} vs {ref.GetSize()}"]
+    else:
+        problems = _header_grid(pred).differences(_header_grid(ref))
+    if problems:
+        raise MaskSAMError(
+            f"Prediction {pred.GetFileName()} and reference {ref.GetFileName()} differ in "
+            f"{problems[0]}; evaluation never resamples: produce the prediction on the "
+            "reference's grid."
+        )
 
 
 def _read_labels(reader: sitk.ImageFileReader) -> np.ndarray:

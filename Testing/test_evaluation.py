@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from MaskSAMLib.data.dataset_json import case_id
+from MaskSAMLib.data.geometry import Geometry
 from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.evaluation import (
     evaluate_arrays,
@@ -165,6 +166,26 @@ def test_geometry_mismatch_is_an_error_never_a_resample(tmp_path, change, word):
     pred = _write(tmp_path / "pred.nii.gz", _cube(shape=shape), **change)
     with pytest.raises(MaskSAMError, match=word):
         evaluate_files(pred, ref)
+
+
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [({"spacing": (1.0005, 1.0, 1.0)}, True), ({"spacing": (1.002, 1.0, 1.0)}, False),
+     ({"origin": (0.0005, 0.0, 0.0)}, True), ({"origin": (0.005, 0.0, 0.0)}, False),
+     ({"direction": (1, 0.0005, 0, -0.0005, 1, 0, 0, 0, 1)}, True),
+     ({"direction": (1, 0.005, 0, -0.005, 1, 0, 0, 0, 1)}, False)],
+)  # fmt: skip
+def test_evaluate_uses_the_one_same_grid_rule(tmp_path, change, same):
+    """evaluate accepts exactly the grids that Geometry.differences (GRID_TOL) calls the same."""
+    ref = _write(tmp_path / "ref.nrrd", _cube())
+    pred = _write(tmp_path / "pred.nrrd", _cube(), **change)
+    grids = [Geometry.from_sitk(sitk.ReadImage(str(p))) for p in (pred, ref)]
+    assert grids[0].allclose(grids[1]) is same
+    if same:
+        assert evaluate_files(pred, ref)["cases"][0]["classes"][0]["dice"] == 1.0
+    else:
+        with pytest.raises(MaskSAMError, match="never resamples"):
+            evaluate_files(pred, ref)
 
 
 def test_float_rounding_of_geometry_is_tolerated(tmp_path):

@@ -32,6 +32,7 @@ from ..errors import MaskSAMError
 from ..files import split_extension
 from ..labels import as_int as _as_int
 from ..labels import parse_labels
+from .geometry import GRID_TOL
 from .io import DEFAULT_MAX_VOXELS, read_image_info, read_volume
 
 MAX_REPORTED = 3
@@ -270,7 +271,7 @@ def validate_dataset(
     spec: DatasetSpec,
     *,
     check_files: bool = True,
-    tol: float = 1e-3,
+    tol: float = GRID_TOL,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> None:
     """Check every case; raise one :class:`MaskSAMError` listing the first problems.
