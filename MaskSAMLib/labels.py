@@ -14,6 +14,20 @@ from .errors import MaskSAMError
 
 MAX_LABEL_FILE_BYTES = 64 << 20
 
+#: The one colour table (0-255, Slicer-like distinct colours) for classes without a known
+#: colour: models (``config.make_labels``) and label-map writers both take it from here.
+PALETTE = (
+    (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
+    (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0),
+    (255, 250, 220), (230, 220, 70), (200, 200, 235), (250, 250, 210), (244, 214, 49),
+    (0, 151, 206), (216, 101, 79), (183, 156, 220), (183, 214, 211), (152, 189, 207),
+)
+
+
+def palette_color(value: int) -> tuple[int, int, int]:
+    """The palette colour of label ``value`` (1 is the first; the table repeats)."""
+    return PALETTE[(value - 1) % len(PALETTE)]
+
 
 def as_int(value: Any) -> int | None:
     """An int from an int or a digit string (not a bool); None otherwise."""
