@@ -8,4 +8,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+#: The one research notice: CLI help, demo, every JSON sidecar (``notice``).
+RESEARCH_NOTICE = (
+    "Research use only: MaskSAMSlicer is not a medical device and is not for diagnosis. No "
+    "clinically trained model ships with it."
+)
+
+__all__ = ["RESEARCH_NOTICE", "__version__"]

@@ -15,15 +15,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from . import RESEARCH_NOTICE, __version__
 from .backbones import BACKBONE_NAMES
 from .errors import MaskSAMError, UsageError
 from .progress import Progress
-
-RESEARCH_NOTICE = (
-    "For research use only; not a medical device and not for diagnosis. No clinically trained "
-    "model ships with MaskSAMSlicer."
-)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,56 +43,18 @@ def _progress(args: argparse.Namespace) -> Progress:
 
 
 # ----------------------------------------------------------------------------- init
-def read_label_file(path: str | Path) -> tuple[list, list[str] | None]:
-    """Labels (LabelSpecs, background first) and channel names from ``--labels FILE``.
-
-    Accepts an nnU-Net ``dataset.json`` (``labels`` and ``channel_names``), a JSON list of names
-    (background first) or a JSON object ``{name: value}``.
-    """
-    from .config import make_labels
-    from .files import read_small_file
-    from .labels import parse_labels
-
-    path = Path(path)
-    try:
-        data = json.loads(read_small_file(path, max_bytes=64 << 20, what="Label file"))
-    except FileNotFoundError as exc:
-        raise MaskSAMError(f"Label file {path} does not exist; check the path.") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MaskSAMError(f"Label file {path} is not valid JSON ({exc}); fix the file.") from exc
-    channels = None
-    if isinstance(data, dict) and "labels" in data:
-        raw = data["labels"]
-        if isinstance(data.get("channel_names"), dict):
-            chan = data["channel_names"]
-            channels = [str(chan[k]) for k in sorted(chan, key=lambda k: int(k))]
-    else:
-        raw = data
-    if isinstance(raw, list):
-        if not all(isinstance(n, str) for n in raw):
-            raise MaskSAMError(f"{path}: a label list must hold names (strings).")
-        if not raw or raw[0].strip().lower() != "background":
-            shown = json.dumps(["background", *raw[:2]])
-            raise MaskSAMError(
-                f"{path}: a label list gives value 0 to its first name, which must be "
-                f"'background' (got {raw[:1]}); write {shown[:-1]}, ...] or a mapping "
-                '{"background": 0, "liver": 1, ...}.'
-            )
-        raw = {name: value for value, name in enumerate(raw)}
-    mapping = parse_labels(raw, source=str(path))
-    names = sorted(mapping, key=mapping.__getitem__)
-    return make_labels(names, [mapping[n] for n in names]), channels
-
-
 def init_entry(args: argparse.Namespace) -> int:
+    from .config import make_labels
+    from .labels import read_label_file
     from .modeling.build import create_model, save_model_dir
 
     progress = _progress(args)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MaskSAMError(f"{out} already exists and is not empty; choose a new --out folder.")
-    labels, channels = read_label_file(args.labels)
-    channels = channels or list(args.modality)
+    found = read_label_file(args.labels)
+    labels = make_labels(list(found.labels), list(found.labels.values()))
+    channels = found.channel_names or list(args.modality)
     progress.start("init", total=2)
     model = create_model(  # no preprocessing plan yet: training makes it from its dataset
         backbone=args.backbone, labels=labels, sam_checkpoint=args.sam_checkpoint,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backbones import BACKBONE_NAMES, ENCODER_MODES, backbone_spec
 from .errors import MaskSAMError
+from .labels import palette_color
 from .terminology import terminology_for
 
 if TYPE_CHECKING:
@@ -413,13 +414,6 @@ def derive_num_queries(num_classes: int) -> int:
     return num_classes + 2
 
 
-# A colour table for names without a known colour (Slicer-like distinct colours).
-_PALETTE = [
-    (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
-    (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0),
-    (255, 250, 220), (230, 220, 70), (200, 200, 235), (250, 250, 210), (244, 214, 49),
-    (0, 151, 206), (216, 101, 79), (183, 156, 220), (183, 214, 211), (152, 189, 207),
-]
 _KNOWN_COLORS = {
     "liver": (221, 130, 101), "spleen": (157, 108, 162), "kidney_left": (185, 102, 83),
     "kidney_right": (185, 102, 83), "kidney": (185, 102, 83), "stomach": (216, 132, 105),
@@ -447,7 +441,7 @@ def make_labels(names: list[str], values: list[int] | None = None) -> list[Label
             color = [0, 0, 0]
         else:
             key = name.lower()
-            rgb = _KNOWN_COLORS.get(key) or _PALETTE[(value - 1) % len(_PALETTE)]
+            rgb = _KNOWN_COLORS.get(key) or palette_color(value)
             color = list(rgb)
         terminology = terminology_for(name) if value != 0 else None
         labels.append(LabelSpec(value=value, name=name, color=color, terminology=terminology))

@@ -29,13 +29,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import RESEARCH_NOTICE
+
 DEMO_CASES = 8
 DEMO_SIZE = (64, 64, 24)
 DEMO_ITERATIONS = 1200
-NOTICE = (
-    "Research use only: MaskSAMSlicer is not a medical device and is not for diagnosis. No "
-    "clinically trained model ships with it; this demo model knows synthetic phantoms only."
-)
+NOTICE = RESEARCH_NOTICE + " This demo model knows synthetic phantoms only."
 _PRODUCTS = ("dataset", "model", "heldout", "segmentation.seg.nrrd", "segmentation.json",
              "report.json", "report.csv", "overlay.png", "cache")
 
@@ -214,8 +213,7 @@ def _run(options: DemoOptions, progress) -> DemoResult:  # noqa: ANN001 - Progre
 
     prediction = predictor.predict(volume, options=predict_options, progress=on_windows)
     planned = PlannedOutput(CaseInput("heldout", [image_path]), seg_path)
-    write_outputs(prediction, planned, predictor, predict_options, overwrite=True,
-                  read_seconds=read_s)
+    write_outputs(prediction, planned, overwrite=True, read_seconds=read_s)
     lap("held-out phantom segmented")
 
     progress.start("evaluate")

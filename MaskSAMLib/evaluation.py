@@ -16,8 +16,9 @@ Conventions (also written into every report under ``"conventions"``):
   difference / reference volume, ``None`` when the reference is empty.
 - Means per class are over all evaluated cases for Dice and volumes, and over the cases where
   HD95 is defined for HD95 (``hd95_cases`` says how many).
-- Prediction and reference must share one grid (size, spacing, origin, direction, within a small
-  tolerance); a mismatch is an error, never a silent resample.
+- Prediction and reference must share one grid (size, spacing, origin, direction, within the
+  one tolerance of :meth:`MaskSAMLib.data.geometry.Geometry.differences`); a mismatch is an
+  error, never a silent resample.
 """
 
 from __future__ import annotations
@@ -35,22 +36,20 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import __version__
+from .data.dataset_json import case_id
+from .data.geometry import Geometry
+from .data.nifti_checks import incomplete_nifti
 from .errors import MaskSAMError
 from .files import (
     atomic_write_text,
     check_output_path,
     check_writable_folder,
-    incomplete_nifti,
     publish_together,
-    read_small_file,
 )
-from .labels import parse_labels
+from .labels import read_label_file
 
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_VOXELS = 2_000_000_000  # refuse headers claiming more voxels than this before reading pixels
-SPACING_RTOL = 1e-4
-ORIGIN_TOL_VOXELS = 0.01  # origin tolerance, as a fraction of the smallest spacing
-DIRECTION_ATOL = 1e-4
 
 CONVENTIONS = {
     "dice_absent_from_both": 1.0,
@@ -175,42 +174,6 @@ def default_labels(values: Sequence[int] | np.ndarray) -> dict[str, int]:
     return {f"label_{int(v)}": int(v) for v in sorted({int(v) for v in values}) if v != 0}
 
 
-def load_labels(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, int]:
-    """Label name -> value from a mapping, a ``dataset.json``, a model's ``config.json`` or a
-    folder holding one of them (a dataset or a model folder).
-
-    ``labels`` may be nnU-Net's ``{"background": 0, "liver": 1}``, MSD's
-    ``{"0": "background", "1": "liver"}`` or a model config's list of ``{"value", "name"}``.
-    Background 0 is required; region-based labels (lists/tuples of values) are refused.
-    """
-    where = "the labels"
-    if isinstance(source, Mapping):
-        raw: Any = source
-    else:
-        path = Path(source)
-        if path.is_dir():
-            candidates = [path / "dataset.json", path / "config.json"]
-            path = next((c for c in candidates if c.is_file()), candidates[0])
-        where = str(path)
-        try:
-            data = json.loads(read_small_file(path, max_bytes=64 << 20, what="Label file"))
-        except FileNotFoundError:
-            raise MaskSAMError(f"Label file {path} not found; pass a dataset.json or a model's "
-                               "config.json.") from None
-        except (OSError, ValueError) as exc:
-            raise MaskSAMError(f"Cannot read labels from {path}: {exc}.") from None
-        raw = data.get("labels") if isinstance(data, Mapping) else None
-        if isinstance(raw, list) and all(isinstance(e, Mapping) for e in raw):  # a model config
-            try:
-                raw = {str(e["name"]): e["value"] for e in raw}
-            except KeyError:
-                raw = None
-        if not isinstance(raw, Mapping):
-            raise MaskSAMError(f'{path} has no "labels" mapping like {{"background": 0, ...}} '
-                               "(a dataset.json) or label list (a model's config.json).")
-    return {str(k): v for k, v in parse_labels(dict(raw), source=where).items()}
-
-
 # --- files ------------------------------------------------------------------------------------
 
 
@@ -232,24 +195,31 @@ def _read_header(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
+def _header_grid(reader: sitk.ImageFileReader) -> Geometry:
+    """The grid a header describes (a 2D label map as a one-slice grid)."""
+    size, spacing = reader.GetSize(), reader.GetSpacing()
+    origin, d = reader.GetOrigin(), reader.GetDirection()
+    if reader.GetDimension() == 2:
+        size, spacing, origin = (*size, 1), (*spacing, 1.0), (*origin, 0.0)
+        d = (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0)
+    try:
+        return Geometry(size, spacing, origin, d)
+    except ValueError as exc:
+        raise MaskSAMError(f"{reader.GetFileName()} has an invalid grid ({exc}).") from None
+
+
 def _check_same_grid(pred: sitk.ImageFileReader, ref: sitk.ImageFileReader) -> None:
     """Refuse (MaskSAMError) prediction/reference headers that do not describe one grid."""
-    spacing = ref.GetSpacing()
-    tolerances = {
-        "Size": 0.0,
-        "Spacing": SPACING_RTOL * max(spacing),
-        "Origin": ORIGIN_TOL_VOXELS * min(spacing),
-        "Direction": DIRECTION_ATOL,
-    }
-    for what, tol in tolerances.items():
-        a, b = getattr(pred, f"Get{what}")(), getattr(ref, f"Get{what}")()
-        if len(a) != len(b) or np.max(np.abs(np.subtract(a, b))) > tol:
-            raise MaskSAMError(
-                f"Prediction {pred.GetFileName()} and reference {ref.GetFileName()} differ in "
-                f"{what.lower()} ({[round(float(v), 4) for v in a]} vs "
-                f"{[round(float(v), 4) for v in b]}); evaluation never resamples: produce the "
-                "prediction on the reference's grid."
-            )
+    if pred.GetDimension() != ref.GetDimension():
+        problems = [f"size {pred.GetSize()} vs {ref.GetSize()}"]
+    else:
+        problems = _header_grid(pred).differences(_header_grid(ref))
+    if problems:
+        raise MaskSAMError(
+            f"Prediction {pred.GetFileName()} and reference {ref.GetFileName()} differ in "
+            f"{problems[0]}; evaluation never resamples: produce the prediction on the "
+            "reference's grid."
+        )
 
 
 def _read_labels(reader: sitk.ImageFileReader) -> np.ndarray:
@@ -293,23 +263,15 @@ def _evaluate_pair(
     return entry, warnings
 
 
-def case_id(path: str | os.PathLike) -> str | None:
-    """File name without its label-map extension (``.nii.gz``, ``.seg.nrrd``...), else None."""
-    name = Path(path).name
-    for ext in LABEL_EXTENSIONS:
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return None
-
-
 def _index_folder(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise MaskSAMError(f"The {what} folder {folder} does not exist.")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        cid = case_id(path)
-        if cid is None or path.name.startswith(".") or not path.is_file():
+        if not path.name.lower().endswith(LABEL_EXTENSIONS) or path.name.startswith(".") \
+                or not path.is_file():
             continue
+        cid = case_id(path)
         if cid in found:
             raise MaskSAMError(
                 f"Case {cid!r} appears twice in {folder} ({found[cid].name}, {path.name}); "
@@ -326,8 +288,8 @@ def evaluate_files(
 ) -> dict[str, Any]:
     """Evaluate one prediction file against one reference file -> report (one case)."""
     pred, ref = Path(pred_path), Path(ref_path)
-    names = None if labels is None else load_labels(labels)
-    entry, warnings = _evaluate_pair(pred, ref, names, case_id(ref) or ref.name)
+    names = None if labels is None else read_label_file(labels).labels
+    entry, warnings = _evaluate_pair(pred, ref, names, case_id(ref))
     return _report([entry], names, pred, ref, warnings, {})
 
 
@@ -349,7 +311,7 @@ def evaluate_folders(
             f"No case in {pred_root} matches one in {ref_root}; files pair by name without "
             "extension (case01.nii.gz with case01.nrrd)."
         )
-    names = None if labels is None else load_labels(labels)
+    names = None if labels is None else read_label_file(labels).labels
     entries, warnings = [], []
     for cid in common:
         entry, notes = _evaluate_pair(preds[cid], refs[cid], names, cid)

@@ -1,9 +1,11 @@
-"""Atomic writes, safe loading and folder locks: the one place these mechanisms live.
+"""Atomic writes, output safety and safe loading: the one place these mechanisms live.
 
 Conventions (INTERFACES.md): a temporary file keeps the real extension last
 (``out.tmp-4f2a.nii.gz``) so SimpleITK picks the right writer, then ``os.replace`` moves it into
 place; a directory is written as a temporary sibling and renamed; checkpoints load with
-``torch.load(weights_only=True)`` so no pickled code ever runs.
+``torch.load(weights_only=True)`` so no pickled code ever runs. Folder locks live in
+:mod:`MaskSAMLib.locks`, NIfTI integrity checks in :mod:`MaskSAMLib.data.nifti_checks` and the
+test-only fault injection in :mod:`MaskSAMLib.faults`.
 """
 
 from __future__ import annotations
@@ -14,43 +16,15 @@ import errno
 import hashlib
 import os
 import shutil
-import signal
 import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from .data.nifti_checks import incomplete_nifti
 from .errors import MaskSAMError
-
-
-# Fault injection for the reliability tests (Testing/test_reliability_faults.py), read once at
-# import and inert when unset: MASKSAM_FAULT="<point>[@<file name>]:<n>" makes the process
-# SIGKILL itself the n-th time it reaches <point> (for that file name, if given). Points:
-# "write:before_rename" (atomic_path: temp file complete, not yet renamed) and
-# "checkpoint:before_rename" (training/checkpoint.py).
-def _parse_fault(spec: str | None) -> tuple[str, str | None, int] | None:
-    if not spec:
-        return None
-    point, _, count = spec.rpartition(":")
-    point, _, name = point.partition("@")
-    return (point, name or None, int(count)) if count.isdigit() else None
-
-
-_FAULT = _parse_fault(os.environ.get("MASKSAM_FAULT"))
-_FAULT_HITS: dict[str, int] = {}
-
-
-def fault_point(point: str, path: str | os.PathLike | None = None) -> None:
-    """Test hook: SIGKILL this process at the point MASKSAM_FAULT names (no-op when unset)."""
-    if _FAULT is None or _FAULT[0] != point:
-        return
-    if _FAULT[1] is not None and (path is None or Path(path).name != _FAULT[1]):
-        return
-    _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
-    if _FAULT_HITS[point] == _FAULT[2]:
-        os.kill(os.getpid(), signal.SIGKILL)
-
+from .faults import fault_point
 
 # Multi-part extensions that must stay whole at the end of a temporary name.
 _COMPOUND_SUFFIXES = (".nii.gz", ".seg.nrrd", ".tar.gz", ".safetensors.part")
@@ -280,52 +254,6 @@ def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | N
         raise _writer_failure(exc) from exc
 
 
-def incomplete_nifti(path: Path, *, size_only: bool = False) -> str | None:
-    """Why the NIfTI file at ``path`` is shorter than its header says (None: complete/not NIfTI).
-
-    ITK reads a truncated NIfTI without an error (the missing voxels become 0) and writes one
-    without an error when the disk is full. ``size_only``: for ``.nii`` compare with the file
-    size instead of reading it (``.nii.gz`` is then not checked).
-    """
-    import gzip
-    import struct
-    import zlib
-
-    lower = path.name.lower()
-    if not (lower.endswith(".nii") or lower.endswith(".nii.gz")):
-        return None
-    compressed = lower.endswith(".gz")
-    if size_only and compressed:
-        return None
-    opener = gzip.open if compressed else open
-    try:
-        with opener(path, "rb") as handle:
-            header = handle.read(352)
-            if len(header) < 348:
-                return "the NIfTI header is incomplete"
-            order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
-            voxels = 1
-            for d in dims[1 : 1 + max(0, min(dims[0], 7))]:
-                voxels *= max(int(d), 1)
-            expected = vox_offset + voxels * max(bitpix, 8) // 8
-            if not compressed:
-                length = os.fstat(handle.fileno()).st_size
-            else:
-                length = len(header)
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    length += len(block)
-    except (OSError, EOFError, zlib.error, struct.error) as exc:
-        return f"the file cannot be read back ({exc})"
-    if length < expected:
-        return f"the file holds {length} of the {expected} bytes its header describes"
-    return None
-
-
-# --- output safety: what may be written where -------------------------------------------------
-
 
 def read_small_file(path: str | os.PathLike, *, max_bytes: int, what: str) -> bytes:
     """The bytes of a small regular file (a JSON config, a label list), refusing what is not one.
@@ -546,95 +474,3 @@ def _fsync_file(path: Path) -> None:
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
-
-
-_HELD_LOCKS: set[FolderLock] = set()
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child (a data-loader worker): close its copy of every held lock, so a lock
-    dies with the process that took it and a SIGKILLed run's orphaned workers never block
-    ``--resume`` (a flock belongs to the open file, which fork shares)."""
-    for lock in list(_HELD_LOCKS):
-        if lock._handle is not None:
-            with contextlib.suppress(OSError):
-                lock._handle.close()
-            lock._handle = None
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-class FolderLock:
-    """An exclusive lock on a folder, held for the life of a process.
-
-    Uses ``fcntl.flock`` where available (released by the OS when the process dies, so a lock
-    left by a killed run never blocks ``--resume``; forked children drop their copy); elsewhere
-    a PID file checked with psutil.
-    """
-
-    def __init__(self, folder: str | os.PathLike, name: str = ".masksam.lock") -> None:
-        self.path = Path(folder) / name
-        self._handle = None
-
-    def acquire(self, what: str = "Another MaskSAM run") -> FolderLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                owner = handle.read().strip() or "unknown"
-                handle.close()
-                raise MaskSAMError(
-                    f"{what} (pid {owner}) is writing to {self.path.parent}; wait for it to "
-                    "finish or stop it, or choose another output folder."
-                ) from None
-        else:
-            handle.seek(0)
-            owner = handle.read().strip()
-            if owner.isdigit() and int(owner) != os.getpid() and _pid_alive(int(owner)):
-                handle.close()
-                raise MaskSAMError(
-                    f"{what} (pid {owner}) is writing to {self.path.parent}; wait for it to "
-                    "finish or stop it, or choose another output folder."
-                )
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._handle = handle
-        _HELD_LOCKS.add(self)
-        return self
-
-    def release(self) -> None:
-        _HELD_LOCKS.discard(self)
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def __enter__(self) -> FolderLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        import psutil
-
-        return psutil.pid_exists(pid)
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True

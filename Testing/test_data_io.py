@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from MaskSAMLib.config import make_labels
 from MaskSAMLib.data.geometry import Geometry, Volume
 from MaskSAMLib.data.io import (
     list_dicom_series,
@@ -284,6 +285,11 @@ def test_seg_nrrd_without_labels_names_present_values(tmp_path: Path) -> None:
         ("Segment_300", 300),
     ]
     assert seg["voxels"].dtype == np.uint16
+    model_colors = {lab.value: lab.color for lab in make_labels(
+        [f"structure {v}" for v in range(301)])}  # unknown names: palette colours
+    for segment in seg["segments"]:  # the writer's fallback colour is the model's, one palette
+        expected = np.array(model_colors[segment["labelValue"]]) / 255.0
+        assert np.allclose(segment["color"], expected, atol=1e-5), segment["name"]
 
 
 def test_geometry_dict_and_sitk_round_trip() -> None:

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MaskSAMLib.data.dataset_json import labels_from_file, load_dataset, validate_dataset
+from MaskSAMLib.data.dataset_json import load_dataset, validate_dataset
 from MaskSAMLib.data.geometry import Geometry
 from MaskSAMLib.data.io import write_label_map, write_volume
 from MaskSAMLib.data.planning import plan_preprocessing
 from MaskSAMLib.data.preprocessing import PreprocessConfig
 from MaskSAMLib.errors import MaskSAMError
+from MaskSAMLib.labels import read_label_file
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2}
 GEOMETRY = Geometry((12, 10, 6), (0.8, 0.8, 3.0), (1.0, 2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -254,25 +255,48 @@ def test_problems_are_collected_and_summarised(tmp_path: Path) -> None:
     validate_dataset(load_dataset(make_nnunet(tmp_path / "ok", cases=1)), check_files=False)
 
 
-def test_labels_from_file(tmp_path: Path) -> None:
-    folder = make_nnunet(tmp_path / "ds", cases=1)
-    assert labels_from_file(folder / "dataset.json") == ["background", "liver", "spleen"]
+def test_read_label_file_accepts_every_form_with_one_rule(tmp_path: Path) -> None:
+    """One reader for init, prompt and evaluate --labels: the same file means the same labels."""
+    folder = make_nnunet(tmp_path / "ds", cases=1, channels=("CT", "T2"))
+    found = read_label_file(folder / "dataset.json")
+    assert found.labels == {"background": 0, "liver": 1, "spleen": 2}
+    assert found.channel_names == ["CT", "T2"]
+    assert read_label_file(folder) == found  # a dataset folder: its dataset.json
     cases = {
-        "list.json": (["liver", "spleen"], ["background", "liver", "spleen"]),
-        "list_bg.json": (["Background", "liver"], ["Background", "liver"]),
-        "names.json": ({"spleen": 2, "liver": 1}, ["background", "liver", "spleen"]),
-        "values.json": ({"2": "spleen", "1": "liver", "0": "bg"}, ["bg", "liver", "spleen"]),
-        "entries.json": ([{"value": 1, "name": "liver"}], ["background", "liver"]),
+        "list.json": (["Background", "liver"], {"Background": 0, "liver": 1}),
+        "names.json": ({"spleen": 2, "liver": 1, "background": 0},
+                       {"background": 0, "liver": 1, "spleen": 2}),
+        "values.json": ({"2": "spleen", "1": "liver", "0": "bg"},
+                        {"bg": 0, "liver": 1, "spleen": 2}),
+        "config.json": ({"labels": [{"value": 0, "name": "background"},
+                                    {"value": 52, "name": "aorta", "color": [1, 2, 3]}]},
+                        {"background": 0, "aorta": 52}),
     }
     for name, (content, expected) in cases.items():
         (tmp_path / name).write_text(json.dumps(content))
-        assert labels_from_file(tmp_path / name) == expected, name
-    (tmp_path / "gap.json").write_text(json.dumps({"background": 0, "liver": 1, "aorta": 52}))
-    with pytest.raises(MaskSAMError, match=r"label values \[0, 1, 52\] are not consecutive"):
-        labels_from_file(tmp_path / "gap.json")
-    (tmp_path / "bad.json").write_text(json.dumps(42))
-    with pytest.raises(MaskSAMError, match="expected a dataset.json, a list of names"):
-        labels_from_file(tmp_path / "bad.json")
+        assert read_label_file(tmp_path / name).labels == expected, name
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((tmp_path / "config.json").read_text())
+    assert read_label_file(model).labels == {"background": 0, "aorta": 52}  # a model folder
+    assert read_label_file({"background": 0, "liver": 1}).labels == {"background": 0, "liver": 1}
+    refused = {
+        "nobg_list.json": (["liver", "spleen"], "'background'"),
+        "nobg_map.json": ({"liver": 1}, "background as value 0"),
+        "region.json": ({"labels": {"background": 0, "whole": [1, 2]}}, "region-based"),
+        "bad.json": (42, "expected a dataset.json, a model's config.json"),
+        "chan.json": ({"labels": {"background": 0}, "channel_names": {"x": "CT"}},
+                      "channel numbers"),
+    }
+    for name, (content, match) in refused.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        with pytest.raises(MaskSAMError, match=match):
+            read_label_file(tmp_path / name)
+    with pytest.raises(MaskSAMError, match="does not exist"):
+        read_label_file(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(MaskSAMError, match="not valid JSON"):
+        read_label_file(tmp_path / "broken.json")
 
 
 def test_plan_preprocessing(tmp_path: Path) -> None:

@@ -10,19 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from MaskSAMLib.cli import main
 from MaskSAMLib.data.geometry import Geometry
 from MaskSAMLib.overlay import encode_png, orthogonal_panels
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def decode_png(data: bytes) -> np.ndarray:

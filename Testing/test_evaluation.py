@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from MaskSAMLib.data.dataset_json import case_id
+from MaskSAMLib.data.geometry import Geometry
 from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.evaluation import (
-    case_id,
     evaluate_arrays,
     evaluate_files,
     evaluate_folders,
     evaluate_paths,
     format_table,
     hd95,
-    load_labels,
     write_report,
 )
+from MaskSAMLib.labels import read_label_file
 
 
 def _write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
@@ -167,6 +168,26 @@ def test_geometry_mismatch_is_an_error_never_a_resample(tmp_path, change, word):
         evaluate_files(pred, ref)
 
 
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [({"spacing": (1.0005, 1.0, 1.0)}, True), ({"spacing": (1.002, 1.0, 1.0)}, False),
+     ({"origin": (0.0005, 0.0, 0.0)}, True), ({"origin": (0.005, 0.0, 0.0)}, False),
+     ({"direction": (1, 0.0005, 0, -0.0005, 1, 0, 0, 0, 1)}, True),
+     ({"direction": (1, 0.005, 0, -0.005, 1, 0, 0, 0, 1)}, False)],
+)  # fmt: skip
+def test_evaluate_uses_the_one_same_grid_rule(tmp_path, change, same):
+    """evaluate accepts exactly the grids that Geometry.differences (GRID_TOL) calls the same."""
+    ref = _write(tmp_path / "ref.nrrd", _cube())
+    pred = _write(tmp_path / "pred.nrrd", _cube(), **change)
+    grids = [Geometry.from_sitk(sitk.ReadImage(str(p))) for p in (pred, ref)]
+    assert grids[0].allclose(grids[1]) is same
+    if same:
+        assert evaluate_files(pred, ref)["cases"][0]["classes"][0]["dice"] == 1.0
+    else:
+        with pytest.raises(MaskSAMError, match="never resamples"):
+            evaluate_files(pred, ref)
+
+
 def test_float_rounding_of_geometry_is_tolerated(tmp_path):
     ref = _write(tmp_path / "ref.nrrd", _cube(), spacing=(0.7, 0.7, 2.5), origin=(-120.3, 4, 9))
     pred = _write(tmp_path / "pred.nrrd", _cube(), spacing=(0.7 + 1e-7, 0.7, 2.5),
@@ -187,11 +208,16 @@ def test_non_label_files_are_refused(tmp_path):
         evaluate_files(tmp_path / "missing.nii.gz", ref)
 
 
-def test_case_ids_strip_compound_extensions():
+def test_case_ids_strip_compound_extensions(tmp_path):
+    """One case-id rule for evaluate's pairing, segment's inputs and datasets."""
     assert case_id("a/liver_01.nii.gz") == "liver_01"
     assert case_id("liver_01.seg.nrrd") == "liver_01"
     assert case_id("x.mha") == "x"
-    assert case_id("notes.txt") is None
+    assert case_id("ct_0000.nii.gz") == "ct_0000"  # a label map keeps its whole name
+    assert case_id("ct_0000.nii.gz", strip_channel=True) == "ct"  # an image: its case
+    assert case_id("x.label.nii.gz", ending=".label.nii.gz") == "x"
+    (tmp_path / "series_7").mkdir()
+    assert case_id(tmp_path / "series_7") == "series_7"  # a DICOM folder: its name
 
 
 def _pair_folders(tmp_path):
@@ -256,10 +282,10 @@ def test_labels_from_dataset_json(tmp_path):
     assert any("undeclared values [2]" in w for w in report["warnings"])
     ds.write_text(json.dumps({"labels": {"background": 0, "tumour": [1, 2]}}))
     with pytest.raises(MaskSAMError, match="region-based"):
-        load_labels(ds)
+        read_label_file(ds)
     ds.write_text(json.dumps({"labels": {"liver": 1}}))
     with pytest.raises(MaskSAMError, match="background"):
-        load_labels(tmp_path)
+        read_label_file(tmp_path)
 
 
 def test_report_files_and_table(tmp_path):

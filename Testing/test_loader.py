@@ -11,8 +11,8 @@ from MaskSAMLib.data.loader import (
     Case,
     PatchSampler,
     batch_loader,
-    has_lateralized_classes,
 )
+from MaskSAMLib.labels import has_lateralized_classes
 
 
 def _case(seed: int = 0) -> Case:

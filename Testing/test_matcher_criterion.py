@@ -22,14 +22,7 @@ from MaskSAMLib.training.targets import (
     targets_from_labels,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on busy CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def softplus(x: float) -> float:
@@ -50,10 +43,10 @@ def blocky_labels(batch: int, depth: int, size: int, num_classes: int, seed: int
 def random_outputs(b: int, t: int, n: int, k: int, size: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
-        "pred_logits": torch.randn(b, t, n, k + 1, generator=g),
+        "pred_logits": torch.randn(b, n, t, k + 1, generator=g),
         "pred_masks": torch.randn(b, n, t, size, size, generator=g),
         "aux_masks": torch.randn(b, n, t, size // 2, size // 2, generator=g),
-        "aux_boxes": torch.rand(b, t, n, 4, generator=g),
+        "aux_boxes": torch.rand(b, n, t, 4, generator=g),
     }
 
 
@@ -167,7 +160,7 @@ def permuted_predictions(labels: torch.Tensor, num_classes: int, queries: int, s
     targets = targets_from_labels(labels, num_classes)
     g = torch.Generator().manual_seed(seed)
     outputs = random_outputs(b_size, t_size, queries, num_classes, size, seed)
-    outputs["pred_logits"] = torch.zeros(b_size, t_size, queries, num_classes + 1)
+    outputs["pred_logits"] = torch.zeros(b_size, queries, t_size, num_classes + 1)
     outputs["pred_logits"][..., num_classes] = 8.0
     outputs["pred_masks"] = torch.full_like(outputs["pred_masks"], -8.0)
     outputs["aux_masks"] = torch.full_like(outputs["aux_masks"], -8.0)
@@ -180,12 +173,12 @@ def permuted_predictions(labels: torch.Tensor, num_classes: int, queries: int, s
             tgt = targets[b][t]
             for j, cls in enumerate(tgt["labels"].tolist()):
                 q = int(perm[j])
-                outputs["pred_logits"][b, t, q] = 0.0
-                outputs["pred_logits"][b, t, q, cls] = 8.0
+                outputs["pred_logits"][b, q, t] = 0.0
+                outputs["pred_logits"][b, q, t, cls] = 8.0
                 mask = tgt["masks"][j].float()
                 outputs["pred_masks"][b, q, t] = 16.0 * mask - 8.0
                 outputs["aux_masks"][b, q, t] = 16.0 * mask[::2, ::2] - 8.0
-                outputs["aux_boxes"][b, t, q] = tgt["boxes"][j]
+                outputs["aux_boxes"][b, q, t] = tgt["boxes"][j]
     return outputs, perms, targets
 
 
@@ -206,14 +199,14 @@ def test_matcher_recovers_known_permutation(term: str) -> None:
 
 def test_matcher_cost_matrix_hand_values() -> None:
     labels = torch.ones(1, 1, 4, 4, dtype=torch.int64)  # class 1 everywhere, class 0 absent
-    logits = torch.tensor([[[[0.5, -1.0, 0.2], [1.0, 2.0, -0.5]]]])  # (1, 1, N=2, K+1=3)
+    logits = torch.tensor([[[[0.5, -1.0, 0.2]], [[1.0, 2.0, -0.5]]]])  # (1, N=2, 1, K+1=3)
     a = [0.7, -1.3]  # constant mask logit per query
     c = [2.0, 0.1]  # constant aux mask logit per query
     outputs = {
         "pred_logits": logits,
         "pred_masks": torch.tensor(a).view(1, 2, 1, 1, 1).expand(1, 2, 1, 4, 4),
         "aux_masks": torch.tensor(c).view(1, 2, 1, 1, 1).expand(1, 2, 1, 2, 2),
-        "aux_boxes": torch.tensor([[[[0.0, 0.0, 0.5, 1.0], [0.2, 0.2, 0.6, 0.6]]]]),
+        "aux_boxes": torch.tensor([[[[0.0, 0.0, 0.5, 1.0]], [[0.2, 0.2, 0.6, 0.6]]]]),
     }
     points = 64
     cost = HungarianMatcher(costs=MatchCosts(num_points=points)).cost_matrix(outputs, labels)
@@ -226,7 +219,7 @@ def test_matcher_cost_matrix_hand_values() -> None:
     giou = [0.5, 0.16]  # boxes inside the (0, 0, 1, 1) target: IoU = area, enclosing = target
     l1 = [0.5, 0.2 + 0.2 + 0.4 + 0.4]
     for n in range(2):
-        p = torch.softmax(logits[0, 0, n], -1)[1].item()
+        p = torch.softmax(logits[0, n, 0], -1)[1].item()
         expected = (
             -0.2 * p
             + 1.2 * softplus(-a[n])
@@ -238,7 +231,7 @@ def test_matcher_cost_matrix_hand_values() -> None:
         )
         assert cost[0, 0, n, 1].item() == pytest.approx(expected, rel=1e-5)
         # Absent class 0: target 0 at every point (its box is all zeros).
-        p0 = torch.softmax(logits[0, 0, n], -1)[0].item()
+        p0 = torch.softmax(logits[0, n, 0], -1)[0].item()
         dice0 = 1 - 1 / (points * sigmoid(a[n]) + 1)
         assert cost[0, 0, n, 0].item() > -0.2 * p0 + 1.2 * softplus(a[n]) + 1.2 * dice0 - 1e-5
 
@@ -269,7 +262,7 @@ def test_each_loss_term_against_hand_computed_values() -> None:
                 [[0.3, 0.0, 0.0, -0.2], [0.0, 1.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.5]],
             ]
         ]
-    )  # (B=1, T=2, N=3, K+1=4)
+    ).transpose(1, 2)  # written (B=1, T=2, N=3, K+1=4); the network's order is (B, N, T, K+1)
     a = {(0, 1): 0.8, (1, 2): -0.4}  # constant pred mask logit of the matched (slice, query)
     c = {(0, 1): 1.5, (1, 2): -2.0}  # the same for aux masks
     pred_masks = torch.randn(1, 3, 2, 4, 4)
@@ -277,9 +270,9 @@ def test_each_loss_term_against_hand_computed_values() -> None:
     for (t, q), v in a.items():
         pred_masks[0, q, t] = v
         aux_masks[0, q, t] = c[(t, q)]
-    boxes = torch.rand(1, 2, 3, 4)
-    boxes[0, 0, 1] = torch.tensor([0.25, 0.25, 0.75, 0.75])
-    boxes[0, 1, 2] = torch.tensor([0.5, 0.0, 1.5, 1.0])
+    boxes = torch.rand(1, 3, 2, 4)  # (B, N, T, 4)
+    boxes[0, 1, 0] = torch.tensor([0.25, 0.25, 0.75, 0.75])
+    boxes[0, 2, 1] = torch.tensor([0.5, 0.0, 1.5, 1.0])
     outputs = {
         "pred_logits": logits,
         "pred_masks": pred_masks,
@@ -296,7 +289,7 @@ def test_each_loss_term_against_hand_computed_values() -> None:
     num = den = 0.0
     for t in range(2):
         for q in range(3):
-            row = logits[0, t, q].tolist()
+            row = logits[0, q, t].tolist()
             nll = math.log(sum(math.exp(v) for v in row)) - row[targets[t][q]]
             w = 0.1 if targets[t][q] == 3 else 1.0
             num, den = num + w * nll, den + w
@@ -365,19 +358,16 @@ def test_invalid_slices_contribute_nothing() -> None:
     base["loss"].backward()
     grads = {k: v.grad.clone() for k, v in outputs.items()}
     assert (
-        grads["pred_logits"][0, 1].abs().sum() == 0
+        grads["pred_logits"][0, :, 1].abs().sum() == 0
         and grads["pred_masks"][1, :, 0].abs().sum() == 0
     )
-    assert (
-        grads["aux_masks"][0, :, 1].abs().sum() == 0 and grads["aux_boxes"][1, 0].abs().sum() == 0
-    )
+    assert grads["aux_masks"][0, :, 1].abs().sum() == 0
+    assert grads["aux_boxes"][1, :, 0].abs().sum() == 0
     # Changing the invalid slices' outputs and labels leaves every term unchanged.
     other = random_outputs(2, 3, 6, 4, 16, 6)
     changed = {k: v.detach().clone() for k, v in outputs.items()}
     for b, t in ((0, 1), (1, 0)):
-        for key in ("pred_logits", "aux_boxes"):
-            changed[key][b, t] = other[key][b, t]
-        for key in ("pred_masks", "aux_masks"):
+        for key in ("pred_logits", "pred_masks", "aux_masks", "aux_boxes"):  # all (B, N, T, ...)
             changed[key][b, :, t] = other[key][b, :, t]
     labels2 = labels.clone()
     labels2[0, 1] = 3
@@ -439,6 +429,6 @@ def test_optimizing_outputs_with_the_criterion_fits_the_labels() -> None:
                 pred = params["pred_masks"][0, q, t] > 0
                 dice = 2 * (pred & mask).sum() / (pred.sum() + mask.sum())
                 assert dice > 0.9, (t, cls, float(dice))
-                assert int(params["pred_logits"][0, t, q].argmax()) == cls
-                box_err = (params["aux_boxes"][0, t, q] - targets[0][t]["boxes"][j]).abs().max()
+                assert int(params["pred_logits"][0, q, t].argmax()) == cls
+                box_err = (params["aux_boxes"][0, q, t] - targets[0][t]["boxes"][j]).abs().max()
                 assert box_err < 0.1

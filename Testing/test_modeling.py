@@ -11,7 +11,7 @@ from torch import nn
 from MaskSAMLib.config import ModelConfig, make_labels, make_model_config
 from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.modeling.build import build_masksam
-from MaskSAMLib.modeling.masksam import is_trainable_name, pad_slices
+from MaskSAMLib.modeling.masksam import OUTPUT_AXES, is_trainable_name, pad_slices
 from MaskSAMLib.modeling.sam_import import sam_builders, sam_modeling
 from MaskSAMLib.modeling.sam_vit import SamViTEncoder
 from MaskSAMLib.modeling.semantic import semantic_labels, semantic_probabilities
@@ -19,10 +19,12 @@ from MaskSAMLib.modeling.semantic import semantic_labels, semantic_probabilities
 
 def _check_outputs(out: dict, b: int, t: int, n: int, k: int, size: int, mask_res: int) -> None:
     assert set(out) == {"pred_logits", "pred_masks", "aux_masks", "aux_boxes"}
-    assert out["pred_logits"].shape == (b, t, n, k + 1)
+    assert out["pred_logits"].shape == (b, n, t, k + 1)  # every key (B, N, T, ...)
     assert out["pred_masks"].shape == (b, n, t, size, size)
     assert out["aux_masks"].shape == (b, n, t, mask_res, mask_res)
-    assert out["aux_boxes"].shape == (b, t, n, 4)
+    assert out["aux_boxes"].shape == (b, n, t, 4)
+    for key, axes in OUTPUT_AXES.items():  # one documented order for every key
+        assert axes[:3] == ("B", "N", "T") and out[key].dim() == len(axes), key
     for v in out.values():
         assert v.dtype == torch.float32
         assert torch.isfinite(v).all()
@@ -172,13 +174,13 @@ def test_identity_survives_adapter_training_only_in_sam_parts():
 
 def test_semantic_inference_hand_computed():
     # 2 queries, 3 classes (+ no object), one slice of 1x2 pixels.
-    logits = torch.tensor([[[[10.0, -10, -10, -10], [-10, 10, -10, -10]]]])  # (1,1,2,4)
+    logits = torch.tensor([[[[10.0, -10, -10, -10]], [[-10, 10, -10, -10]]]])  # (1,2,1,4) BNTK
     masks = torch.tensor([[[[[-10.0, 10]]], [[[10.0, -10]]]]])  # (1,2,1,1,2)
     probs = semantic_probabilities(logits, masks)
     assert probs.shape == (1, 3, 1, 1, 2)
     assert semantic_labels(logits, masks).tolist() == [[[[1, 0]]]]
     # no-object queries contribute nothing
-    empty = torch.tensor([[[[-10.0, -10, -10, 10], [-10, -10, -10, 10]]]])
+    empty = torch.tensor([[[[-10.0, -10, -10, 10]], [[-10, -10, -10, 10]]]])
     assert semantic_probabilities(empty, masks).max() < 1e-3
 
 

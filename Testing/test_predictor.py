@@ -36,13 +36,7 @@ REGIONS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny networks: one thread is as fast as two and does not stall when cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 class _StandIn(nn.Module):
@@ -65,8 +59,8 @@ class _StandIn(nn.Module):
         k = self.num_classes
         cls = self.classes(x[:, 0])  # (B, T, H, W)
         masks = torch.nn.functional.one_hot(cls, k).permute(0, 4, 1, 2, 3).float() * 16 - 8
-        logits = torch.full((b, t, k, k + 1), -10.0)
-        logits[..., torch.arange(k), torch.arange(k)] = 10.0
+        logits = torch.full((b, k, t, k + 1), -10.0)  # (B, N, T, K+1): query i is class i
+        logits[:, torch.arange(k), :, torch.arange(k)] = 10.0
         return {"pred_logits": logits, "pred_masks": masks}
 
 

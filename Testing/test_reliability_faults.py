@@ -10,7 +10,7 @@
   ``fsync`` (segment's output, a training checkpoint, ``init``), and a real kernel write limit
   (``RLIMIT_FSIZE`` -> EFBIG) on a child: one-line error, previous output intact.
 
-Kills reach the few milliseconds a write lasts through ``MASKSAM_FAULT`` (MaskSAMLib/files.py,
+Kills reach the few milliseconds a write lasts through ``MASKSAM_FAULT`` (MaskSAMLib/faults.py,
 ``fault_point``). Two ``train`` runs on one folder and a stale lock are in test_training.py.
 """
 
@@ -155,7 +155,7 @@ def test_training_killed_at_many_points_resumes_exactly(phantoms, tmp_path):
 
 def test_orphaned_loader_workers_do_not_block_resume(phantoms, tmp_path):
     """SIGKILL leaves the data-loader worker alive for a few seconds; it must not hold the
-    folder lock (files.FolderLock drops it in forked children), so --resume starts at once."""
+    folder lock (locks.FolderLock drops it in forked children), so --resume starts at once."""
     out = tmp_path / "run"
     args = _train_args(phantoms, out, "--backbone", "tiny", "--workers", "1")
     proc = subprocess.Popen(args, env=_env(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -200,7 +200,7 @@ def _complete(path: Path, reference: Path) -> None:
     out = sitk.ReadImage(str(path))
     ref = sitk.ReadImage(str(reference))
     assert out.GetSize() == ref.GetSize()
-    from MaskSAMLib.files import incomplete_nifti
+    from MaskSAMLib.data.nifti_checks import incomplete_nifti
 
     assert incomplete_nifti(path) is None
 

@@ -23,16 +23,16 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from MaskSAMLib.cli import main, read_label_file
+from MaskSAMLib.cli import main
 from MaskSAMLib.config import ModelConfig, make_labels, make_model_config
 from MaskSAMLib.data.dataset_json import load_dataset, validate_dataset
 from MaskSAMLib.data.geometry import Geometry
 from MaskSAMLib.data.io import list_dicom_series, read_any, read_image_info, read_volume
+from MaskSAMLib.data.nifti_checks import incomplete_nifti
 from MaskSAMLib.data.phantoms import make_phantoms
 from MaskSAMLib.data.writers import write_label_map
 from MaskSAMLib.errors import MaskSAMError
-from MaskSAMLib.files import incomplete_nifti
-from MaskSAMLib.labels import parse_labels
+from MaskSAMLib.labels import parse_labels, read_label_file
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -229,10 +229,10 @@ def test_label_mappings_and_label_files(tmp_path, data):
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(data))
     try:
-        labels, _ = read_label_file(path)
+        labels = read_label_file(path).labels
     except MaskSAMError:
         return
-    assert labels[0].value == 0
+    assert labels and next(iter(labels.values())) == 0
 
 
 # -- model config.json -------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from MaskSAMLib import files
 from MaskSAMLib.cli import main
@@ -32,12 +31,7 @@ from MaskSAMLib.modeling.build import create_model, save_model_dir
 SIZE = (40, 40, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from MaskSAMLib.cli import main
 from MaskSAMLib.config import make_labels
@@ -30,13 +29,7 @@ LIVER_TERMINOLOGY = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny networks: one thread is as fast as two and does not stall when cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +367,48 @@ def test_child_process_exit_codes_and_no_traceback(tmp_path, quick_model):
     usage = subprocess.run([sys.executable, "-m", "MaskSAMLib", "segment", "x.nii.gz"],
                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert usage.returncode == 2 and "--model" in usage.stderr
+
+
+_WRITE_WITHOUT_PREDICTOR = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from MaskSAMLib.data.geometry import Geometry
+from MaskSAMLib.inference.inputs import CaseInput
+from MaskSAMLib.inference.outputs import PlannedOutput, write_outputs
+from MaskSAMLib.inference.prediction import Prediction, PredictionInfo
+
+out = Path(sys.argv[1])
+labels = np.zeros((4, 5, 6), np.uint8)
+labels[1:3, 1:4, 2:5] = 1
+info = PredictionInfo(
+    classes=[{"value": 0, "name": "background", "color": None, "terminology": None},
+             {"value": 1, "name": "liver", "color": [221, 130, 101], "terminology": None}],
+    model_dir="m", backbone="tiny", img_size=64, num_slices=3, num_queries=4, provenance={},
+    device="cpu", step=0.5, fast=False, tta=True, mirror_axes=(2, 3), target_spacing=(1, 1, 2))
+prediction = Prediction(labels, Geometry((6, 5, 4), (1.0, 1.0, 2.0), (0, 0, 0),
+                        (1, 0, 0, 0, 1, 0, 0, 0, 1)), info=info, windows=2)
+write_outputs(prediction, PlannedOutput(CaseInput("c", [Path("c.nii.gz")]), out),
+              overwrite=False)
+assert "torch" not in sys.modules and "MaskSAMLib.inference.predictor" not in sys.modules
+"""
+
+
+def test_outputs_are_written_from_the_prediction_record_alone(tmp_path):
+    """The writers read what a Prediction carries: no Predictor (and no torch) is imported."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    out = tmp_path / "c.seg.nrrd"
+    proc = subprocess.run([sys.executable, "-c", _WRITE_WITHOUT_PREDICTOR, str(out)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sidecar = json.loads((tmp_path / "c.json").read_text())
+    assert sidecar["options"] == {"step": 0.5, "fast": False, "tta": True, "mirror_axes": [2, 3],
+                                  "target_spacing": [1, 1, 2]}
+    assert sidecar["model"]["backbone"] == "tiny" and sidecar["device"] == "cpu"
+    assert sidecar["segments"] == [{"value": 1, "name": "liver", "voxels": 18,
+                                    "volume_ml": 0.036}]
+    assert sidecar["series_uid"] is None and sidecar["windows"] == 2
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).sum() == 18
 
 
 def test_sigterm_stops_cleanly_with_130_and_no_output(tmp_path, quick_model):

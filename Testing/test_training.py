@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from MaskSAMLib.config import make_labels
 from MaskSAMLib.data.phantoms import make_phantoms
 from MaskSAMLib.errors import MaskSAMError
-from MaskSAMLib.files import FolderLock
+from MaskSAMLib.locks import FolderLock
 from MaskSAMLib.modeling.build import create_model, save_model_dir
 from MaskSAMLib.modeling.surgery import extend_classes
 from MaskSAMLib.training.checkpoint import load_checkpoint

@@ -138,12 +138,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         predictor.model(warm)  # warm-up, not timed
     predictor.model = sampler
-    volumes, read_s = read_case(case, predictor, options, memory_budget=None)
-    prediction = predictor.predict(volumes, options=options)
-    del volumes
+    read = read_case(case, lambda geometry, name, nbytes: predictor.check_memory(
+        geometry, name, None, options, nbytes))
+    prediction = predictor.predict(read.volumes, options=options)
+    read.volumes.clear()
     out = Path(args.workdir) / f"out_{args.backbone}_{args.slices}_{args.mode}.nii.gz"
-    info = write_outputs(prediction, PlannedOutput(case, out), predictor, options,
-                         overwrite=True, read_seconds=read_s)
+    info = write_outputs(prediction, PlannedOutput(case, out), overwrite=True,
+                         read_seconds=read.seconds)
     times = dict(info["timings_s"])
     batches = sampler.calls
     if sampler.limit and sampler.real < batches:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,34 @@ from ..errors import MaskSAMError
 from ..files import split_extension
 from ..labels import as_int as _as_int
 from ..labels import parse_labels
+from .geometry import GRID_TOL
 from .io import DEFAULT_MAX_VOXELS, read_image_info, read_volume
 
 MAX_REPORTED = 3
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # CASE_0000: channel 0
+
+
+def case_id(
+    path: str | os.PathLike, *, ending: str | None = None, strip_channel: bool = False
+) -> str:
+    """The case a file or folder names, nnU-Net style (the one rule for datasets, ``segment``
+    inputs and ``evaluate`` pairing).
+
+    A file: its name without ``ending`` (when given and present) or else without its extension,
+    compound ones kept whole (``liver_01.nii.gz``, ``liver_01.seg.nrrd`` -> ``liver_01``); with
+    ``strip_channel`` also without a channel suffix (``ct_0000.nii.gz`` -> ``ct``). A folder (a
+    DICOM series): its name.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path.resolve().name
+    name = path.name
+    if ending and name.endswith(ending) and len(name) > len(ending):
+        stem = name[: -len(ending)]
+    else:
+        stem = split_extension(name)[0]
+    match = CHANNEL_SUFFIX.match(stem) if strip_channel else None
+    return match.group("case") if match else stem
 
 
 @dataclass(frozen=True)
@@ -98,11 +124,6 @@ def _entry_path(folder: Path, entry: Any, what: str, source: str) -> Path:
     return folder / entry
 
 
-def _case_id_from(path: Path, ending: str) -> str:
-    name = path.name
-    return name[: -len(ending)] if ending and name.endswith(ending) else split_extension(name)[0]
-
-
 def load_dataset(folder: str | os.PathLike) -> DatasetSpec:
     """Read ``folder/dataset.json`` and list the cases (nnU-Net v2 or MSD layout)."""
     folder = Path(folder)
@@ -132,9 +153,9 @@ def load_dataset(folder: str | os.PathLike) -> DatasetSpec:
         raise MaskSAMError(f"No '*{ending}' label files in {labels_dir}; add the label maps.")
     cases = []
     for label_file in label_files:
-        case_id = label_file.name[: -len(ending)]
-        images = tuple(images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channels)))
-        cases.append(Case(case_id, images, label_file))
+        cid = case_id(label_file, ending=ending)
+        images = tuple(images_dir / f"{cid}_{c:04d}{ending}" for c in range(len(channels)))
+        cases.append(Case(cid, images, label_file))
     known = {f"{c.case_id}_{i:04d}{ending}" for c in cases for i in range(len(channels))}
     extra = []
     if images_dir.is_dir():
@@ -164,7 +185,7 @@ def _load_msd(
         images = tuple(_entry_path(folder, e, "image", source) for e in raw_images)
         label = _entry_path(folder, entry["label"], "label", source)
         ending = ending or split_extension(label.name)[1]
-        cases.append(Case(_case_id_from(label, ending), images, label))
+        cases.append(Case(case_id(label, ending=ending), images, label))
     return DatasetSpec(folder, name, channels, labels, ending, cases, "msd", num_training)
 
 
@@ -250,7 +271,7 @@ def validate_dataset(
     spec: DatasetSpec,
     *,
     check_files: bool = True,
-    tol: float = 1e-3,
+    tol: float = GRID_TOL,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> None:
     """Check every case; raise one :class:`MaskSAMError` listing the first problems.
@@ -295,44 +316,3 @@ def validate_dataset(
             f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in dataset {spec.name}: "
             f"{shown}{more}"
         )
-
-
-def labels_from_file(path: str | os.PathLike) -> list[str]:
-    """Class names ordered by value, background first, from a JSON file.
-
-    Accepts a ``dataset.json`` (its ``labels``), a plain list of names, a ``{name: value}``
-    or ``{"value": name}`` mapping, or a list of ``{"value", "name"}`` objects. Values must be
-    consecutive from 0 (a missing background 0 is added for lists and plain mappings).
-    """
-    path = Path(path)
-    data = _read_json(path)
-    source = str(path)
-    if isinstance(data, dict) and "labels" in data:
-        labels = parse_labels(data["labels"], source)
-    elif isinstance(data, list) and data and all(isinstance(x, str) for x in data):
-        names = [x.strip() for x in data]
-        if names[0].lower() != "background":
-            names.insert(0, "background")
-        labels = parse_labels({n: i for i, n in enumerate(names)}, source)
-    elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
-        labels = parse_labels(
-            {str(x.get("name")): x.get("value") for x in data}, source, require_background=False
-        )
-    elif isinstance(data, dict):
-        labels = parse_labels(data, source, require_background=False)
-    else:
-        raise MaskSAMError(
-            f"{source}: expected a dataset.json, a list of names or a mapping of names to values."
-        )
-    if 0 not in labels.values():
-        labels = {"background": 0, **labels}
-    values = list(labels.values())
-    if values != list(range(len(values))):
-        raise MaskSAMError(
-            f"{source}: label values {values} are not consecutive from 0; renumber them 0, 1, 2, "
-            "..."
-        )
-    names = list(labels)
-    if any(n.lower() == "background" for n in names[1:]):
-        raise MaskSAMError(f"{source}: 'background' must be value 0 only.")
-    return names

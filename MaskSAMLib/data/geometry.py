@@ -7,6 +7,12 @@ Conventions (the same as SimpleITK, physical space is LPS in millimetres):
   unit vector of index axis ``k``. A voxel ``(i, j, k)`` lies at
   ``origin + D @ (spacing * (i, j, k))``.
 - Arrays are ``(z, y, x)`` (``sitk.GetArrayFromImage`` order): ``array.shape == size[::-1]``.
+
+"The same grid" (INTERFACES.md: every output lands in the input's exact grid) has one rule,
+:meth:`Geometry.differences`, with one tolerance, :data:`GRID_TOL`: equal sizes, spacings within
+a relative ``GRID_TOL``, origins within ``GRID_TOL`` times the largest spacing (a thousandth of a
+voxel) and direction cosines within ``GRID_TOL``. It absorbs the float32 rounding of file headers,
+never a real shift. Datasets, preprocessing, prompting and ``evaluate`` all use it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 Triple = tuple[float, float, float]
+GRID_TOL = 1e-3  # the one "same grid" tolerance (see the module docstring)
 
 
 def _triple(values: Sequence[float], name: str) -> Triple:
@@ -126,11 +133,11 @@ class Geometry:
         """LPS position (mm) of index ``(i, j, k)`` (x, y, z order, not array order)."""
         return self.index_to_physical @ np.append(np.asarray(index, dtype=np.float64), 1.0)
 
-    def allclose(self, other: Geometry, tol: float = 1e-3) -> bool:
+    def allclose(self, other: Geometry, tol: float = GRID_TOL) -> bool:
         """Same grid within ``tol``: see :meth:`differences`."""
         return not self.differences(other, tol)
 
-    def differences(self, other: Geometry, tol: float = 1e-3) -> list[str]:
+    def differences(self, other: Geometry, tol: float = GRID_TOL) -> list[str]:
         """Human-readable list of what differs (empty when the grids agree).
 
         Sizes must be equal; spacings agree within a relative ``tol``; origins within ``tol``

@@ -16,7 +16,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import MaskSAMError
-from ..files import incomplete_nifti
 from .dicom_checks import (
     COMPRESSED_SYNTAXES,
     check_series_geometry,
@@ -26,6 +25,7 @@ from .dicom_checks import (
 )
 from .geometry import Geometry, Volume
 from .header_checks import check_grid, check_nrrd_directions, nifti_nonfinite_voxels
+from .nifti_checks import incomplete_nifti
 from .writers import LABEL_EXTENSIONS, write_label_map, write_volume
 
 __all__ = [

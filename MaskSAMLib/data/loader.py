@@ -23,6 +23,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..labels import has_lateralized_classes
+
 LEFT_RIGHT_AXIS = 3  # X in (C, T, Y, X) patches of the canonical orientation
 
 
@@ -46,15 +48,6 @@ class AugmentConfig:
     p_gamma: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
     mirror_axes: tuple[int, ...] = (1, 2, 3)  # T (slices), Y, X of a (C, T, Y, X) patch
-
-
-def has_lateralized_classes(names: list[str]) -> bool:
-    """Whether any class name marks a side (``kidney_left``, ``Right lung`` ...)."""
-    for name in names:
-        words = name.lower().replace("-", "_").replace(" ", "_").split("_")
-        if "left" in words or "right" in words:
-            return True
-    return False
 
 
 @dataclass

@@ -24,35 +24,12 @@ from scipy import ndimage
 
 from ..errors import MaskSAMError
 from ..files import LABEL_MAP_MARKER, atomic_path, write_image
+from ..labels import palette_color
 from .geometry import Geometry
 
 #: Label map outputs chosen by extension (``.seg.nrrd`` adds Slicer's segment metadata).
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-# Distinct colours (0-255) for segments that come without one.
-_PALETTE = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (220, 190, 255),
-    (170, 110, 40),
-    (255, 250, 200),
-    (128, 0, 0),
-    (170, 255, 195),
-    (128, 128, 0),
-    (255, 215, 180),
-    (0, 0, 128),
-    (128, 128, 128),
-)
 
 _REFERENCE_GEOMETRY_HELP = (
     "Image geometry description string determining the geometry of the labelmap that is "
@@ -122,7 +99,7 @@ def normalize_labels(labels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "names non-empty single-line text."
             )
         seen.add(value)
-        color = entry.get("color") or _PALETTE[(value - 1) % len(_PALETTE)]
+        color = entry.get("color") or palette_color(value)
         try:
             color = [int(c) for c in color] if not isinstance(color, (str, bytes)) else []
         except (TypeError, ValueError, OverflowError):

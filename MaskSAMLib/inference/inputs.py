@@ -8,15 +8,15 @@ files for one case, or nnU-Net-named files ``CASE_0000``, ``CASE_0001``, ... gro
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..data.dataset_json import CHANNEL_SUFFIX, case_id
 from ..data.geometry import Geometry, Volume
 from ..data.io import (
     DEFAULT_MAX_VOXELS,
@@ -29,22 +29,24 @@ from ..data.io import (
     read_volume,
 )
 from ..errors import MaskSAMError
-from ..files import is_masksam_file, split_extension
+from ..files import is_masksam_file
 from .budget import pixel_bytes
-from .predictor import PredictOptions, Predictor
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+#: ``check_memory(geometry, name, bytes_per_voxel)``: raises MaskSAMError (one line) when a
+#: volume on ``geometry`` would not fit; ``name`` says which file in the message.
+MemoryCheck = Callable[[Geometry, str, int], object]
 
 
 @dataclass
 class CaseInput:
-    """One case: its id, its channel files (or one DICOM folder) and what was read."""
+    """One case: its id and its channel files (or one DICOM folder)."""
 
     case_id: str
     paths: list[Path]
     dicom: bool = False
-    series: DicomSeries | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         return str(self.paths[0]) if len(self.paths) == 1 else ", ".join(map(str, self.paths))
@@ -71,22 +73,13 @@ def refuse_segmentation_input(path: Path) -> None:
                            "image volume it was made from.")
 
 
-def case_id_of(path: Path) -> str:
-    """``ct_0000.nii.gz`` -> ``ct``; ``scan.seg.nrrd`` -> ``scan.seg``; a folder -> its name."""
-    if path.is_dir():
-        return path.resolve().name
-    stem = Path(split_extension(path.name)[0]).name
-    match = _CHANNEL_SUFFIX.match(stem)
-    return match.group("case") if match else stem
-
-
 def _group_channels(files: list[Path], channels: int) -> list[CaseInput]:
     """nnU-Net naming: ``CASE_0000 .. CASE_{C-1:04d}`` per case (C = ``channels``)."""
     if channels == 1:
-        return [CaseInput(case_id_of(f), [f]) for f in files]
+        return [CaseInput(case_id(f, strip_channel=True), [f]) for f in files]
     groups: dict[str, dict[int, Path]] = {}
     for f in files:
-        match = _CHANNEL_SUFFIX.match(Path(split_extension(f.name)[0]).name)
+        match = CHANNEL_SUFFIX.match(case_id(f))
         if not match:
             raise MaskSAMError(
                 f"{f} has no channel suffix; a {channels}-channel model needs files named "
@@ -114,7 +107,7 @@ def discover_cases(inputs: Sequence[str | Path], channels: int) -> tuple[list[Ca
     if missing:
         raise MaskSAMError(f"{missing[0]} does not exist; check the path.")
     if channels > 1 and len(paths) == channels and all(p.is_file() for p in paths):
-        return [CaseInput(case_id_of(paths[0]), paths)], False
+        return [CaseInput(case_id(paths[0], strip_channel=True), paths)], False
     files: list[Path] = []
     cases: list[CaseInput] = []
     batch = len(paths) > 1
@@ -125,7 +118,7 @@ def discover_cases(inputs: Sequence[str | Path], channels: int) -> tuple[list[Ca
                 files.extend(inside)
                 batch = True
             else:
-                cases.append(CaseInput(case_id_of(path), [path], dicom=True))
+                cases.append(CaseInput(case_id(path), [path], dicom=True))
         else:
             refuse_segmentation_input(path)
             files.append(path)
@@ -178,31 +171,40 @@ def choose_series(folder: Path, series_uid: str | None) -> DicomSeries:
     raise MaskSAMError(f"No usable DICOM series in {folder}.")  # pragma: no cover
 
 
+@dataclass
+class CaseRead:
+    """The pixels of one case: channel volumes, the DICOM series they came from (None for image
+    files) and the seconds reading took."""
+
+    volumes: list[Volume]
+    series: DicomSeries | None
+    seconds: float
+
+
 def read_case(
     case: CaseInput,
-    predictor: Predictor,
-    options: PredictOptions,
+    check_memory: MemoryCheck | None = None,
     *,
     series_uid: str | None = None,
-    memory_budget: int | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
-) -> tuple[list[Volume], float]:
-    """Header checks, the memory budget, then the pixels: channel volumes and seconds taken."""
+) -> CaseRead:
+    """Header checks, ``check_memory`` on each header (e.g. ``Predictor.check_memory`` with the
+    run's budget and options), then the pixels."""
     start = time.perf_counter()
+    series = None
     if case.dicom:
         folder = case.paths[0]
         series = choose_series(folder, series_uid)
         geometry, nbytes = _dicom_geometry(series)
         if geometry.num_voxels > max_voxels:
             read_dicom_series(folder, series.uid, max_voxels=max_voxels)  # refuses, one line
-        predictor.check_memory(geometry, f"DICOM series {series.uid} in {folder}", memory_budget,
-                               options, nbytes)
-        case.series = series
+        if check_memory is not None:
+            check_memory(geometry, f"DICOM series {series.uid} in {folder}", nbytes)
         volumes = [read_dicom_series(folder, series.uid, max_voxels=max_voxels)]
     else:
         infos = [read_image_info(p, max_voxels=max_voxels) for p in case.paths]
         for info in infos:
-            predictor.check_memory(info.geometry, str(info.path), memory_budget, options,
-                                   pixel_bytes(info.pixel_type))
+            if check_memory is not None:
+                check_memory(info.geometry, str(info.path), pixel_bytes(info.pixel_type))
         volumes = [read_volume(p, max_voxels=max_voxels) for p in case.paths]
-    return volumes, time.perf_counter() - start
+    return CaseRead(volumes, series, time.perf_counter() - start)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import RESEARCH_NOTICE, __version__
+from ..data.io import DicomSeries
 from ..data.writers import LABEL_EXTENSIONS, write_label_map
 from ..errors import MaskSAMError
 from ..files import (
@@ -29,12 +30,10 @@ from ..files import (
 )
 from .dicom_seg import require_highdicom, write_dicom_seg
 from .inputs import CaseInput
-from .predictor import Prediction, PredictOptions, Predictor
+from .prediction import Prediction
 
 OUTPUT_EXTENSIONS = (*LABEL_EXTENSIONS, ".dcm")
 FORMATS = tuple(ext.lstrip(".") for ext in OUTPUT_EXTENSIONS)
-NOTICE = ("Research use only: not a medical device and not for diagnosis. No clinically trained "
-          "model ships with MaskSAMSlicer.")
 
 
 def output_extension(path: str | Path) -> str | None:
@@ -186,32 +185,33 @@ def _same_folder(a: Path, b: Path) -> bool:
 def write_outputs(
     prediction: Prediction,
     planned: PlannedOutput,
-    predictor: Predictor,
-    options: PredictOptions,
     *,
     overwrite: bool,
+    series: DicomSeries | None = None,
     read_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Write the label map (or DICOM SEG) and its sidecar as one set; returns the sidecar.
 
-    Both go to temporaries first and are published together (``publish_together``): a failure
-    on either (a full disk, a size limit) leaves neither, and the previous set intact.
+    ``series``: the DICOM series the case was read from (``CaseRead.series``), which a DICOM
+    SEG references. Both files go to temporaries first and are published together
+    (``publish_together``): a failure on either (a full disk, a size limit) leaves neither, and
+    the previous set intact.
     """
     start = time.perf_counter()
+    classes = prediction.info.classes
     with publish_together():
         if planned.is_dicom_seg:
-            series = planned.case.series
             if series is None:
                 raise MaskSAMError(f"{planned.path}: the DICOM series of this case is unknown.")
-            write_dicom_seg(prediction.labels, predictor.labels, series.files, planned.path,
+            write_dicom_seg(prediction.labels, classes, series.files, planned.path,
                             spacing=prediction.geometry.spacing, overwrite=overwrite,
                             software_version=__version__)
         else:
             write_label_map(prediction.labels, prediction.geometry, planned.path,
-                            overwrite=overwrite, labels=predictor.labels)
+                            overwrite=overwrite, labels=classes)
         timings = {"read": read_seconds, **prediction.timings,
                    "write": time.perf_counter() - start}
-        info = sidecar(prediction, planned, predictor, options, timings)
+        info = sidecar(prediction, planned, timings, series=series)
         atomic_write_text(planned.sidecar, json.dumps(info, indent=2) + "\n",
                           overwrite=overwrite)
     return info
@@ -220,42 +220,42 @@ def write_outputs(
 def sidecar(
     prediction: Prediction,
     planned: PlannedOutput,
-    predictor: Predictor,
-    options: PredictOptions,
     timings: dict[str, float],
+    *,
+    series: DicomSeries | None = None,
 ) -> dict[str, Any]:
     """The JSON sidecar: segments with volumes, model, device, options, timings (seconds)."""
-    cfg = predictor.config
+    made = prediction.info
     order = ("read", "preprocess", "encoder", "decoder", "stitch", "postprocess", "write")
     times = {k: round(timings[k], 3) for k in order if k in timings}
     times["total"] = round(sum(timings.get(k, 0.0) for k in order), 3)
     case = planned.case
     return {
         "format_version": 1,
-        "notice": NOTICE,
+        "notice": RESEARCH_NOTICE,
         "software": f"MaskSAMLib {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "case": case.case_id,
         "inputs": [str(p) for p in case.paths],
-        "series_uid": case.series.uid if case.series is not None else None,
+        "series_uid": series.uid if series is not None else None,
         "output": str(planned.path),
         "model": {
-            "dir": str(predictor.model_dir) if predictor.model_dir else None,
-            "backbone": cfg.backbone.name,
-            "img_size": cfg.img_size,
-            "num_slices": cfg.num_slices,
-            "num_queries": cfg.num_queries,
-            "provenance": cfg.provenance,
+            "dir": made.model_dir,
+            "backbone": made.backbone,
+            "img_size": made.img_size,
+            "num_slices": made.num_slices,
+            "num_queries": made.num_queries,
+            "provenance": made.provenance,
         },
-        "device": str(predictor.device),
+        "device": made.device,
         "options": {
-            "step": options.effective_step, "fast": options.fast, "tta": options.tta,
-            "mirror_axes": list(predictor.mirror_axes()) if options.tta else [],
-            "target_spacing": list(predictor.preprocess_config(options).target_spacing),
+            "step": made.step, "fast": made.fast, "tta": made.tta,
+            "mirror_axes": list(made.mirror_axes),
+            "target_spacing": list(made.target_spacing),
         },
         "geometry": prediction.geometry.to_dict(),
         "preprocessed_shape": list(prediction.preprocessed_shape),
         "windows": prediction.windows,
-        "segments": prediction.segment_volumes(predictor.labels),
+        "segments": prediction.segment_volumes(),
         "timings_s": times,
     }

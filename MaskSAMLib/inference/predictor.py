@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,14 @@ import SimpleITK as sitk
 import torch
 
 from ..data.geometry import Geometry, Volume
-from ..data.loader import has_lateralized_classes
 from ..data.preprocessing import PreprocessConfig, postprocess_labels, preprocess_case
 from ..data.writers import label_dtype
 from ..devices import decoder_chunk_for, half_dtype, resolve_device
 from ..errors import Interrupted, MaskSAMError
+from ..labels import has_lateralized_classes
 from ..modeling.masksam import MaskSAM
 from .budget import MemoryEstimate, check_memory_budget, estimate_prediction_memory
+from .prediction import Prediction, PredictionInfo
 from .sliding_window import count_windows, sliding_window_labels
 
 ImageLike = sitk.Image | Volume | np.ndarray
@@ -65,34 +66,6 @@ class PredictOptions:
     @property
     def effective_step(self) -> float:
         return max(self.step, FAST_STEP) if self.fast else self.step
-
-
-@dataclass
-class Prediction:
-    """A label map ``(z, y, x)`` of label values on the input's ``geometry``, with timings."""
-
-    labels: np.ndarray
-    geometry: Geometry
-    timings: dict[str, float] = field(default_factory=dict)
-    windows: int = 0
-    preprocessed_shape: tuple[int, int, int] = (0, 0, 0)
-
-    def to_sitk(self) -> sitk.Image:
-        return self.geometry.to_sitk(self.labels)
-
-    def segment_volumes(self, labels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``[{value, name, voxels, volume_ml}]`` for every foreground label of ``labels``."""
-        counts = np.bincount(self.labels.reshape(-1), minlength=1)
-        voxel_ml = float(np.prod(self.geometry.spacing)) / 1000.0
-        out = []
-        for entry in labels:
-            value = int(entry["value"])
-            if value == 0:
-                continue
-            n = int(counts[value]) if value < len(counts) else 0
-            out.append({"value": value, "name": entry["name"], "voxels": n,
-                        "volume_ml": round(n * voxel_ml, 4)})
-        return out
 
 
 class Predictor:
@@ -157,6 +130,19 @@ class Predictor:
         sx, sy, sz = self.preprocessing.target_spacing
         f = FAST_INPLANE_SPACING
         return dataclasses.replace(self.preprocessing, target_spacing=(sx * f, sy * f, sz))
+
+    def describe(self, options: PredictOptions) -> PredictionInfo:
+        """The record of this model, device and ``options`` that every prediction carries."""
+        cfg = self.config
+        return PredictionInfo(
+            classes=self.labels,
+            model_dir=str(self.model_dir) if self.model_dir else None,
+            backbone=cfg.backbone.name, img_size=cfg.img_size, num_slices=cfg.num_slices,
+            num_queries=cfg.num_queries, provenance=dict(cfg.provenance), device=str(self.device),
+            step=options.effective_step, fast=options.fast, tta=options.tta,
+            mirror_axes=self.mirror_axes() if options.tta else (),
+            target_spacing=tuple(self.preprocess_config(options).target_spacing),  # type: ignore[arg-type]
+        )
 
     def estimate_memory(
         self, geometry: Geometry, options: PredictOptions | None = None, input_bytes: int = 4
@@ -238,7 +224,8 @@ class Predictor:
         labels = postprocess_labels(self._values[indices], properties)
         timings["postprocess"] = time.perf_counter() - start
         return Prediction(labels=labels, geometry=volumes[0].geometry, timings=timings,
-                          windows=total, preprocessed_shape=shape)  # type: ignore[arg-type]
+                          windows=total, preprocessed_shape=shape,  # type: ignore[arg-type]
+                          info=self.describe(options))
 
 
 def as_volumes(image: ImageLike | Sequence[ImageLike], geometry: Geometry | None) -> list[Volume]:

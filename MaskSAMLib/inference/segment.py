@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.geometry import Geometry
 from ..devices import device_info, resolve_device
 from ..errors import Interrupted, MaskSAMError
 from ..progress import Progress
@@ -169,8 +170,11 @@ def _run_case(
 ) -> dict[str, Any]:
     case = item.case
     progress.start("read", case=case.case_id)
-    volumes, read_s = read_case(case, predictor, options, series_uid=request.series_uid,
-                                memory_budget=budget)
+
+    def check_memory(geometry: Geometry, name: str, input_bytes: int) -> None:
+        predictor.check_memory(geometry, name, budget, options, input_bytes)
+
+    read = read_case(case, check_memory, series_uid=request.series_uid)
 
     def on_windows(done: int, total: int) -> None:
         if done == 0:
@@ -178,10 +182,10 @@ def _run_case(
         else:
             progress.update(done, total)
 
-    prediction = predictor.predict(volumes, options=options, progress=on_windows,
+    prediction = predictor.predict(read.volumes, options=options, progress=on_windows,
                                    should_stop=stop)
-    del volumes
+    read.volumes.clear()  # the pixels are not needed any more
     progress.start("write", case=case.case_id)
     item.path.parent.mkdir(exist_ok=True)  # an output folder appears with its first output
-    return write_outputs(prediction, item, predictor, options, overwrite=request.overwrite,
-                         read_seconds=read_s)
+    return write_outputs(prediction, item, overwrite=request.overwrite, series=read.series,
+                         read_seconds=read.seconds)

@@ -5,12 +5,17 @@
 query and slice (box + binarised mask) -> SAM mask decoder with a classifier token -> class
 head and full-resolution output head.
 
-The output dict (Mask2Former style) crosses every boundary unchanged:
+The output dict (Mask2Former style) crosses every boundary unchanged, and every key has one
+axis order, **batch, query, slice, then the key's own axes** ``(B, N, T, ...)`` (Mask2Former's
+``(B, Q, ...)`` with the slice axis after the query, as the masks have it for the 3D heads):
 
-* ``pred_logits``: ``(B, T, N, K+1)`` per-slice class logits (K includes background).
+* ``pred_logits``: ``(B, N, T, K+1)`` per-slice class logits (K includes background).
 * ``pred_masks``: ``(B, N, T, H, W)`` mask logits at input resolution.
 * ``aux_masks``: ``(B, N, T, 4h, 4w)`` auxiliary mask logits (h = H / encoder stride).
-* ``aux_boxes``: ``(B, T, N, 4)`` auxiliary boxes, normalised xyxy.
+* ``aux_boxes``: ``(B, N, T, 4)`` auxiliary boxes, normalised xyxy.
+
+:data:`OUTPUT_AXES` names them; the training losses match per slice and transpose to
+``(B, T, N, ...)`` inside.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ from .adapters import DepthConvAdapter
 from .mask_decoder import attach_decoder_adapters, decode_prompts
 from .prompt_generator import PromptGenerator, prompt_boxes
 from .stem import ModalityStem
+
+#: Axis names of every key of the output dict (module docstring): one order for all.
+OUTPUT_AXES = {
+    "pred_logits": ("B", "N", "T", "K+1"),
+    "pred_masks": ("B", "N", "T", "H", "W"),
+    "aux_masks": ("B", "N", "T", "h", "w"),
+    "aux_boxes": ("B", "N", "T", "xyxy"),
+}
 
 # Parameters inside SAM that train: adapters and depth embeddings. Everything else in SAM is
 # frozen; everything outside SAM (stem, prompt generator, heads, tokens) trains fully.
@@ -241,13 +254,15 @@ class MaskSAM(nn.Module):
         for q0 in range(0, n, chunk):
             q1 = min(n, q0 + chunk)
             qc = q1 - q0
-            sparse = pe_encoder._embed_boxes(boxes[:, :, q0:q1].reshape(-1, 4) * scale)
+            # the decoder's batch is (B*T) x chunk: slices first, like the encoder's
+            sparse = pe_encoder._embed_boxes(boxes[:, q0:q1].transpose(1, 2).reshape(-1, 4) * scale)
             masks_in = aux_masks[:, q0:q1].transpose(1, 2).reshape(-1, 1, *aux_masks.shape[-2:])
             masks_in = (masks_in > 0).to(neck.dtype)
             if masks_in.shape[-2:] != mask_prompt_size:  # a prompt generator of fewer stages
                 masks_in = F.interpolate(masks_in, size=mask_prompt_size, mode="nearest")
             dense = pe_encoder._embed_masks(masks_in)
-            tokens = (self.global_class_token + aux_tokens[:, :, q0:q1]).reshape(-1, neck.shape[1])
+            tokens = self.global_class_token + aux_tokens[:, q0:q1].transpose(1, 2)
+            tokens = tokens.reshape(-1, neck.shape[1])
             low, cls = decode_prompts(
                 self.mask_decoder,
                 image_embeddings=neck,
@@ -260,8 +275,8 @@ class MaskSAM(nn.Module):
             logits.append(self.class_head(cls).reshape(b, t, qc, -1))
             lows.append(low.reshape(b, t, qc, *low.shape[-2:]))
         low_masks = torch.cat(lows, dim=2).transpose(1, 2)  # (B, N, T, 4h, 4w)
-        return {
-            "pred_logits": torch.cat(logits, dim=2),
+        return {  # every key (B, N, T, ...): OUTPUT_AXES
+            "pred_logits": torch.cat(logits, dim=2).transpose(1, 2),
             "pred_masks": self.output_head(low_masks),
             "aux_masks": aux_masks,
             "aux_boxes": aux_boxes,

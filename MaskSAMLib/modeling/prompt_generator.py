@@ -8,12 +8,13 @@ stride ``(1, 2, 2)``; each encoder feature is projected and resampled to the sta
 reference release decodes to full resolution; we stop at the resolution SAM consumes (the
 auxiliary masks are mask prompts), which saves the two most expensive 3D stages.
 
-Outputs (``N`` queries):
+Outputs (``N`` queries), in the network's one axis order ``(B, N, T, ...)``
+(:data:`MaskSAMLib.modeling.masksam.OUTPUT_AXES`):
 
 * ``aux_masks``: ``(B, N, T, 4h, 4w)`` logits (a 1x1x1 convolution).
-* ``aux_boxes``: ``(B, T, N, 4)`` normalised xyxy, always valid: sigmoid ``(lx, ly, px, py)``
+* ``aux_boxes``: ``(B, N, T, 4)`` normalised xyxy, always valid: sigmoid ``(lx, ly, px, py)``
   from pooled coarse features, ``x1 = lx, x2 = lx + px * (1 - lx)`` (same for y).
-* ``aux_tokens``: ``(B, T, N, D)``: a 1x1x1 convolution to ``N`` maps, average-pooled per slice
+* ``aux_tokens``: ``(B, N, T, D)``: a 1x1x1 convolution to ``N`` maps, average-pooled per slice
   to ``sqrt(D) x sqrt(D)`` and flattened (16x16 = 256 for SAM's decoder).
 """
 
@@ -154,11 +155,12 @@ class PromptGenerator(nn.Module):
 
         tok = self.token_head(coarse)  # (B, N, T, h, w)
         tok = F.adaptive_avg_pool2d(tok.reshape(b, n * t, h, w), self.token_side)
-        aux_tokens = tok.reshape(b, n, t, -1).transpose(1, 2)  # (B, T, N, D)
+        aux_tokens = tok.reshape(b, n, t, -1)  # (B, N, T, D)
 
         pooled = self.box_reduce(coarse).transpose(1, 2)  # (B, T, 32, h, w)
         pooled = F.adaptive_avg_pool2d(pooled.reshape(b * t, -1, h, w), self.box_pool)
         raw = torch.sigmoid(self.box_head(pooled.reshape(b * t, -1))).reshape(b, t, n, 4)
+        raw = raw.transpose(1, 2)  # (B, N, T, 4)
         lx, ly, px, py = raw.unbind(-1)
         aux_boxes = torch.stack([lx, ly, lx + px * (1 - lx), ly + py * (1 - ly)], dim=-1)
         return {"aux_masks": aux_masks, "aux_boxes": aux_boxes, "aux_tokens": aux_tokens}
@@ -192,11 +194,11 @@ def prompt_boxes(aux_boxes: torch.Tensor, aux_masks: torch.Tensor) -> torch.Tens
     """The box each query prompts SAM with: the predicted box averaged with its mask's box.
 
     Args:
-        aux_boxes: ``(B, T, N, 4)`` normalised xyxy.
+        aux_boxes: ``(B, N, T, 4)`` normalised xyxy.
         aux_masks: ``(B, N, T, h, w)`` logits.
     Returns:
-        ``(B, T, N, 4)``; where a mask is empty (normal early in training) the predicted box alone.
+        ``(B, N, T, 4)``; where a mask is empty (normal early in training) the predicted box alone.
     """
-    mask_boxes, nonempty = boxes_from_masks(aux_masks.detach().transpose(1, 2))
+    mask_boxes, nonempty = boxes_from_masks(aux_masks.detach())
     averaged = 0.5 * (aux_boxes + mask_boxes)
     return torch.where(nonempty[..., None], averaged, aux_boxes)

@@ -9,13 +9,13 @@ def semantic_probabilities(pred_logits: torch.Tensor, pred_masks: torch.Tensor) 
     """Per-class scores ``sum_q softmax(logits_q)[c] * sigmoid(mask_q)``.
 
     Args:
-        pred_logits: ``(B, T, N, K+1)`` per-slice class logits (last = no object).
+        pred_logits: ``(B, N, T, K+1)`` per-slice class logits (last = no object).
         pred_masks: ``(B, N, T, H, W)`` mask logits.
     Returns:
         ``(B, K, T, H, W)`` class scores (argmax over K gives the label map).
     """
     cls = torch.softmax(pred_logits.float(), dim=-1)[..., :-1]
-    return torch.einsum("btnk,bnthw->bkthw", cls, torch.sigmoid(pred_masks.float()))
+    return torch.einsum("bntk,bnthw->bkthw", cls, torch.sigmoid(pred_masks.float()))
 
 
 def semantic_labels(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:

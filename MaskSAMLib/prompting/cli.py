@@ -30,9 +30,11 @@ def prompt_entry(args: argparse.Namespace, progress_of: Callable) -> int:
     )
     labels = None
     if args.labels:
-        from ..cli import read_label_file
+        from ..config import make_labels
+        from ..labels import read_label_file
 
-        specs, _ = read_label_file(args.labels)
+        found = read_label_file(args.labels).labels
+        specs = make_labels(list(found), list(found.values()))
         labels = [{"value": int(s.value), "name": s.name, "color": list(s.color) if s.color
                    else None, "terminology": s.terminology} for s in specs]
     request = PromptRequest(

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .. import RESEARCH_NOTICE, __version__
 from ..data.geometry import Geometry, Volume
 from ..data.io import read_any
 from ..data.orientation import canonical_transform
 from ..data.writers import LABEL_EXTENSIONS, write_label_map
 from ..errors import MaskSAMError
 from ..files import atomic_write_text
-from ..inference.outputs import NOTICE, output_extension, sidecar_path
+from ..inference.outputs import output_extension, sidecar_path
 from ..progress import Progress
 from .engine import EmbeddingCache, SliceSegmenter
 from .prompts import (
@@ -146,7 +146,7 @@ def sidecar(
     times["total"] = round(sum(timings.values()), 3)
     return {
         "format_version": 1,
-        "notice": NOTICE,
+        "notice": RESEARCH_NOTICE,
         "software": f"MaskSAMLib {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "case": Path(str(request.volume)).name,

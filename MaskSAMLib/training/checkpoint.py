@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from ..errors import MaskSAMError
-from ..files import atomic_path, fault_point, write_torch
+from ..faults import fault_point
+from ..files import atomic_path, write_torch
 
 # Test hook: called with a stage name while a checkpoint is written ("before_rename"). In a
 # child process, MASKSAM_FAULT="checkpoint:before_rename:N" SIGKILLs it at the N-th write
-# (files.fault_point; inert when unset).
+# (faults.fault_point; inert when unset).
 WRITE_HOOK = None
 
 

@@ -174,7 +174,7 @@ class SetCriterion(nn.Module):
         num_masks: Tensor,
     ) -> dict[str, Tensor]:
         """Class cross-entropy over all queries of valid slices (weighted mean)."""
-        logits = outputs["pred_logits"].float()  # (B, T, N, K+1)
+        logits = outputs["pred_logits"].float().transpose(1, 2)  # (B, T, N, K+1)
         if not bool(valid.any()):
             return {"loss_ce": logits.sum() * 0.0}
         target = torch.full(
@@ -241,7 +241,7 @@ class SetCriterion(nn.Module):
         if len(matched) == 0:
             zero = boxes.sum() * 0.0
             return {"loss_bbox": zero, "loss_giou": zero}
-        pred = boxes[matched.batch, matched.slice, matched.query].float()  # (M, 4)
+        pred = boxes[matched.batch, matched.query, matched.slice].float()  # (M, 4)
         l1 = (pred - matched.boxes).abs().sum() / num_masks
         giou = (1.0 - generalized_box_iou_elementwise(pred, matched.boxes)).sum() / num_masks
         return {"loss_bbox": l1, "loss_giou": giou}
@@ -287,8 +287,9 @@ class SetCriterion(nn.Module):
         """Match and compute the losses.
 
         Args:
-            outputs: the network's dict (``pred_logits (B, T, N, K+1)``, ``pred_masks
-                (B, N, T, H, W)``, ``aux_masks (B, N, T, h, w)``, ``aux_boxes (B, T, N, 4)``).
+            outputs: the network's dict, every key ``(B, N, T, ...)`` (``pred_logits (B, N, T,
+                K+1)``, ``pred_masks (B, N, T, H, W)``, ``aux_masks (B, N, T, h, w)``,
+                ``aux_boxes (B, N, T, 4)``).
             labels: ``(B, T, H, W)`` integer class map in ``[0, K)``.
             slice_valid: optional ``(B, T)`` bool; invalid (padding) slices add nothing.
 

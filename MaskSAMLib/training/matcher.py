@@ -70,10 +70,10 @@ def check_outputs(outputs: dict[str, Tensor], labels: Tensor, keys: tuple[str, .
         raise ValueError(f"labels must be (B, T, H, W), got shape {tuple(labels.shape)}")
     batch, depth = labels.shape[:2]
     expected = {
-        "pred_logits": ("(B, T, N, K+1)", 4, (0, 1)),
+        "pred_logits": ("(B, N, T, K+1)", 4, (0, 2)),
         "pred_masks": ("(B, N, T, H, W)", 5, (0, 2)),
         "aux_masks": ("(B, N, T, h, w)", 5, (0, 2)),
-        "aux_boxes": ("(B, T, N, 4)", 4, (0, 1)),
+        "aux_boxes": ("(B, N, T, 4)", 4, (0, 2)),
     }
     for key in keys:
         if key not in outputs:
@@ -155,7 +155,7 @@ class HungarianMatcher(nn.Module):
         self, outputs: dict[str, Tensor], labels: Tensor, slice_valid: Tensor | None
     ) -> tuple[Tensor, DenseTargets]:
         check_outputs(outputs, labels, self._needed_keys())
-        logits = outputs["pred_logits"]
+        logits = outputs["pred_logits"].transpose(1, 2)  # (B, T, N, K+1): matched per slice
         device = logits.device
         num_classes = logits.shape[-1] - 1
         labels = labels.to(device)
@@ -174,7 +174,7 @@ class HungarianMatcher(nn.Module):
                     bce, dice = mask_costs(sample_query_masks(outputs[key], points), onehot)
                     cost = cost + w_bce * bce + w_dice * dice
         if self.cost_box_l1 or self.cost_giou:
-            pred = outputs["aux_boxes"].float()  # (B, T, N, 4)
+            pred = outputs["aux_boxes"].float().transpose(1, 2)  # (B, T, N, 4)
             l1 = (pred.unsqueeze(-2) - dense.boxes.unsqueeze(-3)).abs().sum(-1)
             giou = generalized_box_iou(pred, dense.boxes)
             cost = cost + self.cost_box_l1 * l1 - self.cost_giou * giou
@@ -196,8 +196,9 @@ class HungarianMatcher(nn.Module):
         """Match queries to targets in every slice.
 
         Args:
-            outputs: the network's dict (``pred_logits (B, T, N, K+1)``, ``pred_masks
-                (B, N, T, H, W)``, ``aux_masks (B, N, T, h, w)``, ``aux_boxes (B, T, N, 4)``).
+            outputs: the network's dict, every key ``(B, N, T, ...)`` (``pred_logits (B, N, T,
+                K+1)``, ``pred_masks (B, N, T, H, W)``, ``aux_masks (B, N, T, h, w)``,
+                ``aux_boxes (B, N, T, 4)``).
             labels: ``(B, T, H, W)`` integer class map in ``[0, K)``.
             slice_valid: optional ``(B, T)`` bool; invalid slices get no matches.
 

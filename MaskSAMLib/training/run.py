@@ -28,7 +28,8 @@ from ..data.planning import plan_preprocessing
 from ..data.preprocessing import PreprocessConfig
 from ..devices import device_info, half_dtype, resolve_device
 from ..errors import MaskSAMError, UsageError
-from ..files import FolderLock, atomic_path, write_safetensors
+from ..files import atomic_path, write_safetensors
+from ..locks import FolderLock
 from ..modeling.build import CONFIG_NAME, build_masksam, create_model, load_model_dir
 from ..modeling.masksam import MaskSAM
 from ..modeling.surgery import extend_classes
