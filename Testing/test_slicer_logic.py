@@ -43,7 +43,7 @@ from MaskSAMSlicerLib.errors import (  # noqa: E402
     ReplaceNotConfirmedError,
     TrainingCaseError,
 )
-from MaskSAMSlicerLib.modelRegistry import ModelRegistry, readModelDir, sha256OfFile  # noqa: E402
+from MaskSAMSlicerLib.modelRegistry import ModelRegistry, readModelDir  # noqa: E402
 from MaskSAMSlicerLib.process import ProcessRunner, childEnvironment, masksamCommand  # noqa: E402
 from MaskSAMSlicerLib.segmentationLogic import (  # noqa: E402
     SegmentationLogic,
@@ -51,11 +51,10 @@ from MaskSAMSlicerLib.segmentationLogic import (  # noqa: E402
     deviceProbeCommand,
     registerSegmentationConverterRules,
 )
-from MaskSAMSlicerLib.trainingLogic import (  # noqa: E402
-    TrainingCaseStore,
-    TrainingCurves,
-    TrainingLogic,
-)
+from MaskSAMSlicerLib.trainingCases import TrainingCaseStore  # noqa: E402
+from MaskSAMSlicerLib.trainingLogic import TrainingCurves, TrainingLogic  # noqa: E402
+
+from MaskSAMLib.files import sha256_file as sha256OfFile  # noqa: E402
 
 PY = sys.executable
 LIVER_TERMINOLOGY = (

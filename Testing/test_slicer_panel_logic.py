@@ -24,7 +24,7 @@ if str(MODULE_DIR) not in sys.path:
 
 from MaskSAMSlicerLib.compatibility import incompatibilityMessage  # noqa: E402
 from MaskSAMSlicerLib.errors import MaskSAMSlicerError  # noqa: E402
-from MaskSAMSlicerLib.modelRegistry import ModelRegistry, sha256OfFile  # noqa: E402
+from MaskSAMSlicerLib.modelRegistry import ModelRegistry  # noqa: E402
 from MaskSAMSlicerLib.panelLogic import (  # noqa: E402
     ModelFetch,
     PanelState,
@@ -37,6 +37,8 @@ from MaskSAMSlicerLib.panelLogic import (  # noqa: E402
     trainingOptions,
     trainingProgressText,
 )
+
+from MaskSAMLib.files import sha256_file as sha256OfFile  # noqa: E402
 
 READY = dict(volumeSelected=True, modelSelected=True, modelAvailable=True, haveModels=True)
 

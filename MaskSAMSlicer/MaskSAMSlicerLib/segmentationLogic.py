@@ -40,7 +40,13 @@ from .errors import (
     ReplaceNotConfirmedError,
 )
 from .modelRegistry import ModelInfo, readModelDir
-from .process import ProcessRunner, childEnvironment, masksamCommand, pythonExecutable
+from .process import (
+    ChildLogic,
+    ProcessRunner,
+    childEnvironment,
+    masksamCommand,
+    pythonExecutable,
+)
 
 #: Speed choices shown in the panel -> extra ``segment`` flags.
 SPEED_FLAGS = {"Fast": ["--fast"], "Standard": [], "Accurate": ["--tta"]}
@@ -87,6 +93,16 @@ def registerSegmentationConverterRules() -> None:
     ):
         if rule.__name__ not in known:
             factory.RegisterConverterRule(rule())
+
+
+def setSegmentTerminology(segment, terminology: str) -> None:
+    """Give a vtkSegment a terminology entry (``vtkSegment.SetTerminology`` is new in 5.10)."""
+    import slicer
+
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(str(terminology))
+    else:
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), str(terminology))
 
 
 @dataclass
@@ -154,7 +170,7 @@ def describeSidecar(sidecar: dict[str, Any] | None) -> str:
     return "; ".join(p for p in parts if p)
 
 
-class SegmentationLogic:
+class SegmentationLogic(ChildLogic):
     """Auto-segment volume nodes with a MaskSAM model in a child process.
 
     Args:
@@ -166,19 +182,9 @@ class SegmentationLogic:
 
     def __init__(self, scene=None, *, python: str | None = None, tempRoot: str | None = None,
                  environment: dict[str, str] | None = None) -> None:
-        self._scene = scene
-        self.python = python or pythonExecutable()
+        super().__init__(scene, python=python, environment=environment)
         self.tempRoot = tempRoot
-        self.environment = environment
         self.keepTemporaryFiles = False
-
-    @property
-    def scene(self):
-        if self._scene is not None:
-            return self._scene
-        import slicer
-
-        return slicer.mrmlScene
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -395,13 +401,8 @@ class SegmentationLogic:
                 segmentId = segmentation.AddEmptySegment(str(lab["name"]), str(lab["name"]), color)
                 segmentIds.InsertNextValue(segmentId)
                 segment = segmentation.GetSegment(segmentId)
-                terminology = lab.get("terminology")
-                if terminology:
-                    if hasattr(segment, "SetTerminology"):
-                        segment.SetTerminology(str(terminology))
-                    else:  # vtkSegment.SetTerminology is new in Slicer 5.10
-                        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
-                                       str(terminology))
+                if lab.get("terminology"):
+                    setSegmentTerminology(segment, lab["terminology"])
             labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__masksam_tmp__")
             slicer.util.updateVolumeFromArray(labelmapNode, consecutive)
             labelmapNode.CopyOrientation(referenceVolumeNode)
