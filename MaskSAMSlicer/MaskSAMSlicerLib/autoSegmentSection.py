@@ -348,13 +348,7 @@ class AutoSegmentSection(PanelSection):
     def _showSegmentationEvent(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind in ("start", "progress"):
-            percent, text = describeProgress(event)
-            if percent is None:
-                self.ui.progressBar.setRange(0, 0)
-            else:
-                self.ui.progressBar.setRange(0, 100)
-                self.ui.progressBar.value = percent
-            self.ui.statusLabel.text = text
+            self.showProgress(self.ui.progressBar, self.ui.statusLabel, *describeProgress(event))
             if kind == "start" and self._segJob.gpuDescription:
                 self.ui.deviceInfoLabel.text = f"Running on {self._segJob.gpuDescription}"
         elif kind in ("log", "stdout", "stderr"):

@@ -68,6 +68,16 @@ class PanelSection:
     def updateButtonStates(self, *_args) -> None:
         self.panel.updateButtonStates()
 
+    @staticmethod
+    def showProgress(progressBar, statusLabel, percent: int | None, text: str) -> None:
+        """A percentage (or a busy bar when there is none) and its line of text."""
+        if percent is None:
+            progressBar.setRange(0, 0)
+        else:
+            progressBar.setRange(0, 100)
+            progressBar.value = percent
+        statusLabel.text = text
+
     def registry(self):
         return self.panel.registry()
 

@@ -233,13 +233,8 @@ class PromptSection(PanelSection):
 
     def _showEvent(self, event: dict[str, Any]) -> None:
         if event.get("event") in ("start", "progress"):
-            percent, text = describeProgress(event)
-            if percent is None:
-                self.ui.promptProgressBar.setRange(0, 0)
-            else:
-                self.ui.promptProgressBar.setRange(0, 100)
-                self.ui.promptProgressBar.value = percent
-            self.ui.promptStatusLabel.text = text
+            self.showProgress(self.ui.promptProgressBar, self.ui.promptStatusLabel,
+                              *describeProgress(event))
 
     def _finish(self, job) -> None:
         self._job = None

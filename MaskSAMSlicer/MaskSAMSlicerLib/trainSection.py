@@ -310,13 +310,8 @@ class TrainSection(PanelSection):
     def _showTrainingEvent(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind in ("start", "progress"):
-            percent, text = trainingProgressText(event)
-            if percent is None:
-                self.ui.trainProgressBar.setRange(0, 0)
-            else:
-                self.ui.trainProgressBar.setRange(0, 100)
-                self.ui.trainProgressBar.value = percent
-            self.ui.trainStatusLabel.text = text
+            self.showProgress(self.ui.trainProgressBar, self.ui.trainStatusLabel,
+                              *trainingProgressText(event))
             if event.get("device"):
                 gpu = event.get("gpu_name")
                 self.appendLog(f"Device: {event['device']}" + (f" ({gpu})" if gpu else ""),
