@@ -830,3 +830,13 @@ def test_cuda_without_a_gpu_is_a_clear_error_and_changes_nothing(scene, tmp_path
         logic.finishSegmentation(job)
     assert job.runner.returnCode == 1
     assert nodeIds(scene) == before
+
+
+@pytest.mark.parametrize("name", ["labels.nii.gz", "case.seg.nrrd", "a.b.nrrd", "x.mha",
+                                  "result-1.nrrd"])
+def test_the_sidecar_is_found_by_the_library_rule(tmp_path, name) -> None:
+    from MaskSAMSlicerLib.segmentationLogic import sidecarPath
+
+    from MaskSAMLib.inference.outputs import sidecar_path
+
+    assert sidecarPath(tmp_path / name) == sidecar_path(tmp_path / name)

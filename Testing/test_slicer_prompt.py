@@ -166,7 +166,7 @@ def test_prompt_worker_segments_corrects_undoes_cancels_and_stops(scene, tmp_pat
         segment = segmentationNode.GetSegmentation().GetSegment(existingId)
         assert segment.GetName() == "left kidney"
         assert segment.GetColor() == pytest.approx((0.2, 0.4, 0.6))
-        assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName()) == TERMINOLOGY
+        assert segment.GetTerminology() == TERMINOLOGY
         filled = segmentMask(segmentationNode, existingId,
                                                             volume)
         assert dice(filled, blob) >= 0.8

@@ -43,6 +43,7 @@ from .segmentationLogic import (
     deviceValue,
     registerSegmentationConverterRules,
     setSegmentTerminology,
+    sidecarPath,
 )
 
 #: How the result enters the chosen segment.
@@ -433,7 +434,7 @@ class PromptLogic(ChildLogic):
                                        color=job.color, terminology=job.terminology,
                                        mode=job.mode)
         finally:
-            for name in (job.outputPath, job.outputPath.with_suffix(".json")):
+            for name in (job.outputPath, sidecarPath(job.outputPath)):
                 Path(name).unlink(missing_ok=True)
         voxels = int(self._segmentArray(job.segmentationNode, segmentId, job.volumeNode).sum())
         segments = (job.doneEvent or {}).get("segments") or [{}]

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from MaskSAMLib.files import split_extension
+
 from . import volumeIO
 from .errors import (
     CancelledError,
@@ -144,9 +146,19 @@ class SegmentationResult:
     sidecar: dict[str, Any] | None = None  # what the CLI wrote next to the label map
 
 
+def sidecarPath(labelPath: str | Path) -> Path:
+    """Where ``masksam segment`` / ``prompt`` put the JSON of a label map: ``out/case.seg.nrrd``
+    -> ``out/case.json`` (the rule of ``MaskSAMLib.inference.outputs.sidecar_path``, which lives
+    in a module that imports torch)."""
+    stem, _ = split_extension(labelPath)
+    if stem.lower().endswith(".seg"):
+        stem = stem[:-4]
+    return Path(stem + ".json")
+
+
 def readSidecar(labelPath: Path) -> dict[str, Any] | None:
     """The JSON ``masksam segment`` writes next to its label map (``labels.json``)."""
-    path = labelPath.with_name(labelPath.name.split(".")[0] + ".json")
+    path = sidecarPath(labelPath)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
