@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MaskSAMError
-from .files import sha256_file
+from .files import read_small_file, sha256_file
+from .labels import as_int, parse_labels
 
+#: The files of a model folder (INTERFACES.md "Model directory").
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 #: Resources/ of a checkout or of the Slicer extension (next to MaskSAMLib/).
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 REGISTRY_NAME = "models.json"
@@ -80,11 +84,52 @@ def _read_registry() -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def model_labels(raw: Any, source: str) -> list[dict[str, Any]]:
+    """The ``labels`` of a model's ``config.json``, checked: ``[{value, name, color,
+    terminology}]`` sorted by value, background 0 present, values and names unique.
+
+    The one reading of a model's label list without torch (the Slicer module uses it too).
+    """
+    if not isinstance(raw, list) or not raw:
+        raise MaskSAMError(f"{source} lists no labels; re-create the model.")
+    checked = []
+    for entry in raw:
+        value = as_int(entry.get("value")) if isinstance(entry, dict) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if value is None or not isinstance(name, str) or not name.strip():
+            raise MaskSAMError(f"{source}: a label lacks an integer value or a name.")
+        color = entry.get("color") or [128, 128, 128]
+        if not (isinstance(color, (list, tuple)) and len(color) == 3
+                and all(as_int(c) is not None and 0 <= int(c) <= 255 for c in color)):
+            raise MaskSAMError(f"{source}: label '{name}' has an invalid colour {color!r}.")
+        checked.append({"value": value, "name": name, "color": [int(c) for c in color],
+                        "terminology": entry.get("terminology") or None})
+    names = [lab["name"] for lab in checked]
+    repeated = next((n for n in names if names.count(n) > 1), None)
+    if repeated is not None:
+        raise MaskSAMError(f"{source}: label name '{repeated}' is repeated; re-create the model.")
+    # The dataset rules for the rest: values 0-65535 used once, background 0, distinct names.
+    parse_labels({lab["name"]: lab["value"] for lab in checked}, source)
+    return sorted(checked, key=lambda lab: lab["value"])
+
+
+def read_model_labels(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The checked labels of the model folder ``folder`` (see :func:`model_labels`)."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(read_small_file(path, max_bytes=16 << 20, what=CONFIG_NAME))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MaskSAMError(f"{path} is not readable JSON ({exc}); copy the model again."
+                           ) from exc
+    if not isinstance(data, dict):
+        raise MaskSAMError(f"{path} must hold a JSON object; copy the model again.")
+    return model_labels(data.get("labels"), str(path))
+
+
 def _config_classes(folder: Path) -> list[str]:
     try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return [str(lab["name"]) for lab in data.get("labels", [])[1:]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [lab["name"] for lab in read_model_labels(folder) if lab["value"] != 0]
+    except MaskSAMError:
         return []
 
 
@@ -103,7 +148,7 @@ def available_models() -> list[ModelEntry]:
         ))
     user = user_models_dir()
     if user.is_dir():
-        for folder in sorted(p for p in user.iterdir() if (p / "config.json").is_file()):
+        for folder in sorted(p for p in user.iterdir() if (p / CONFIG_NAME).is_file()):
             entries.append(ModelEntry(name=folder.name, source="user", path=folder,
                                       classes=_config_classes(folder)))
     for item in registry.get("models", []) or []:

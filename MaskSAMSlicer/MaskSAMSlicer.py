@@ -64,6 +64,11 @@ class MaskSAMSlicer(ScriptedLoadableModule):
             "nnU-Net dataset folder), choose a base model (LiteMedSAM, a SAM checkpoint or one "
             "of your models) and Start. Stop keeps a checkpoint; Resume continues. The new "
             "model appears in Auto-segment.</li>"
+            "<li><b>Prompt</b>: place a box (ROI) or include / exclude points in the slice "
+            "views, choose the segment (existing or new) and click Segment: LiteMedSAM "
+            "segments it, the segment keeps its name, colour and terminology, and Undo "
+            "restores it. Corrections reuse the warm model. Add the result to the training "
+            "cases.</li>"
             "</ul>"
             "Computation runs in a separate process: Slicer stays responsive and Cancel/Stop "
             "always work.<br><br>"
@@ -112,7 +117,9 @@ class MaskSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onReload(self) -> None:
         """Developer reload: also reload the MaskSAMSlicerLib submodules."""
         for name in ("compatibility", "errors", "process", "volumeIO", "modelRegistry",
-                     "install", "segmentationLogic", "trainingLogic", "panelLogic", "widget"):
+                     "install", "segmentationLogic", "trainingCases", "trainingLogic",
+                     "promptLogic", "panelLogic", "panelSection", "autoSegmentSection",
+                     "trainSection", "promptSection", "widget"):
             module = importlib.import_module(f"MaskSAMSlicerLib.{name}")
             importlib.reload(module)
         ScriptedLoadableModuleWidget.onReload(self)
@@ -122,7 +129,8 @@ class MaskSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # MaskSAMSlicerLogic
 #
 class MaskSAMSlicerLogic(ScriptedLoadableModuleLogic):
-    """Thin shell over ``SegmentationLogic`` and ``TrainingLogic`` (usable without the GUI).
+    """Thin shell over ``SegmentationLogic``, ``TrainingLogic`` and ``PromptLogic`` (usable
+    without the GUI).
 
     Example (Python console)::
 
@@ -132,11 +140,13 @@ class MaskSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        from MaskSAMSlicerLib.promptLogic import PromptLogic
         from MaskSAMSlicerLib.segmentationLogic import SegmentationLogic
         from MaskSAMSlicerLib.trainingLogic import TrainingLogic
 
         self.segmentation = SegmentationLogic()
         self.training = TrainingLogic()
+        self.prompt = PromptLogic()
 
     def getParameterNode(self):
         from MaskSAMSlicerLib.parameters import MaskSAMSlicerParameterNode
@@ -208,7 +218,7 @@ class MaskSAMSlicerTest(ScriptedLoadableModuleTest):
         from MaskSAMSlicerLib.modelRegistry import ModelRegistry
         from MaskSAMSlicerLib.process import childEnvironment
         from MaskSAMSlicerLib.segmentationLogic import registerSegmentationConverterRules
-        from MaskSAMSlicerLib.trainingLogic import TrainingCaseStore
+        from MaskSAMSlicerLib.trainingCases import TrainingCaseStore
 
         self.delayDisplay("Starting the MaskSAM end-to-end test")
         moduleDir = os.path.dirname(slicer.util.modulePath("MaskSAMSlicer"))

@@ -43,7 +43,7 @@ from MaskSAMSlicerLib.errors import (  # noqa: E402
     ReplaceNotConfirmedError,
     TrainingCaseError,
 )
-from MaskSAMSlicerLib.modelRegistry import ModelRegistry, readModelDir, sha256OfFile  # noqa: E402
+from MaskSAMSlicerLib.modelRegistry import ModelRegistry, readModelDir  # noqa: E402
 from MaskSAMSlicerLib.process import ProcessRunner, childEnvironment, masksamCommand  # noqa: E402
 from MaskSAMSlicerLib.segmentationLogic import (  # noqa: E402
     SegmentationLogic,
@@ -51,11 +51,10 @@ from MaskSAMSlicerLib.segmentationLogic import (  # noqa: E402
     deviceProbeCommand,
     registerSegmentationConverterRules,
 )
-from MaskSAMSlicerLib.trainingLogic import (  # noqa: E402
-    TrainingCaseStore,
-    TrainingCurves,
-    TrainingLogic,
-)
+from MaskSAMSlicerLib.trainingCases import TrainingCaseStore  # noqa: E402
+from MaskSAMSlicerLib.trainingLogic import TrainingCurves, TrainingLogic  # noqa: E402
+
+from MaskSAMLib.files import sha256_file as sha256OfFile  # noqa: E402
 
 PY = sys.executable
 LIVER_TERMINOLOGY = (
@@ -831,3 +830,13 @@ def test_cuda_without_a_gpu_is_a_clear_error_and_changes_nothing(scene, tmp_path
         logic.finishSegmentation(job)
     assert job.runner.returnCode == 1
     assert nodeIds(scene) == before
+
+
+@pytest.mark.parametrize("name", ["labels.nii.gz", "case.seg.nrrd", "a.b.nrrd", "x.mha",
+                                  "result-1.nrrd"])
+def test_the_sidecar_is_found_by_the_library_rule(tmp_path, name) -> None:
+    from MaskSAMSlicerLib.segmentationLogic import sidecarPath
+
+    from MaskSAMLib.inference.outputs import sidecar_path
+
+    assert sidecarPath(tmp_path / name) == sidecar_path(tmp_path / name)

@@ -247,8 +247,8 @@ def imports(path: Path) -> set[str]:
 def test_module_never_imports_torch_and_logic_never_imports_qt():
     for path in MODULE_DIR.rglob("*.py"):
         assert not {n for n in imports(path) if n.split(".")[0] == "torch"}, path
-    for name in ("errors", "process", "volumeIO", "segmentationLogic", "trainingLogic",
-                 "modelRegistry", "install"):
+    for name in ("errors", "process", "volumeIO", "segmentationLogic", "trainingCases",
+                 "trainingLogic", "promptLogic", "panelLogic", "modelRegistry", "install"):
         path = MODULE_DIR / "MaskSAMSlicerLib" / f"{name}.py"
         bad = {n for n in imports(path)
                if n.split(".")[0] in ("qt", "ctk", "PythonQt") or "ScriptedLoadableModule" in n}
@@ -257,6 +257,41 @@ def test_module_never_imports_torch_and_logic_never_imports_qt():
                    if isinstance(node, ast.Attribute) and node.attr == "app"
                    and isinstance(node.value, ast.Name) and node.value.id == "slicer"]
         assert not usesApp, (path, usesApp)
+
+
+#: The library modules the Slicer module may import (torch-free, numpy at most, at import).
+TORCH_FREE_LIBRARY = {"MaskSAMLib", "MaskSAMLib.errors", "MaskSAMLib.labels", "MaskSAMLib.files",
+                      "MaskSAMLib.models", "MaskSAMLib.terminology", "MaskSAMLib.config"}
+
+
+def test_importing_the_module_logic_loads_no_torch():
+    """In a fresh interpreter: every logic module of MaskSAMSlicerLib imports, torch is not in
+    ``sys.modules`` afterwards, and the only MaskSAMLib modules loaded are the torch-free ones."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    pytest.importorskip("SimpleITK")
+    names = ["errors", "process", "volumeIO", "segmentationLogic", "trainingCases",
+             "trainingLogic", "promptLogic", "panelLogic", "modelRegistry", "install",
+             "compatibility"]
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+        f"for name in {names!r}:\n"
+        "    __import__('MaskSAMSlicerLib.' + name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "                        if m.split('.')[0] in ('torch', 'MaskSAMLib', 'qt', 'ctk'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert not any(m.split(".")[0] == "torch" for m in loaded), loaded
+    assert not loaded & {"qt", "ctk"}
+    assert {"MaskSAMLib.labels", "MaskSAMLib.models", "MaskSAMLib.files"} <= loaded
+    assert loaded <= TORCH_FREE_LIBRARY, loaded - TORCH_FREE_LIBRARY
 
 
 def test_module_file_declares_the_slicer_classes_and_research_notice():

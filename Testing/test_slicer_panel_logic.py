@@ -24,7 +24,7 @@ if str(MODULE_DIR) not in sys.path:
 
 from MaskSAMSlicerLib.compatibility import incompatibilityMessage  # noqa: E402
 from MaskSAMSlicerLib.errors import MaskSAMSlicerError  # noqa: E402
-from MaskSAMSlicerLib.modelRegistry import ModelRegistry, sha256OfFile  # noqa: E402
+from MaskSAMSlicerLib.modelRegistry import ModelRegistry  # noqa: E402
 from MaskSAMSlicerLib.panelLogic import (  # noqa: E402
     ModelFetch,
     PanelState,
@@ -37,6 +37,8 @@ from MaskSAMSlicerLib.panelLogic import (  # noqa: E402
     trainingOptions,
     trainingProgressText,
 )
+
+from MaskSAMLib.files import sha256_file as sha256OfFile  # noqa: E402
 
 READY = dict(volumeSelected=True, modelSelected=True, modelAvailable=True, haveModels=True)
 
@@ -243,3 +245,43 @@ def test_a_failed_download_is_one_line(tmp_path):
     job = ModelFetch(lambda progress: registry.fetchModel("gone", progress=progress)).start()
     assert job.wait(10) and job.finished and not job.cancelled
     assert "Could not download" in job.error and "\n" not in job.error
+
+
+# ----------------------------------------------------------------------------- Prompt section
+def test_prompt_buttons_follow_volume_prompts_running_and_undo() -> None:
+    from MaskSAMSlicerLib.panelLogic import PromptState, promptButtonStates
+
+    nothing = promptButtonStates(PromptState())
+    assert nothing.segmentText == "Segment" and not nothing.segmentEnabled
+    assert nothing.segmentToolTip == "Select the volume to segment first."
+    noPrompts = promptButtonStates(PromptState(volumeSelected=True))
+    assert not noPrompts.segmentEnabled and noPrompts.segmentToolTip.startswith("Place a box")
+    ready = promptButtonStates(PromptState(volumeSelected=True, havePrompts=True, canUndo=True,
+                                           hasResult=True, newSegment=False))
+    assert ready.segmentEnabled and ready.undoEnabled and ready.addToTrainingEnabled
+    assert not ready.newNameEnabled  # an existing segment keeps its own name
+    running = promptButtonStates(PromptState(volumeSelected=True, havePrompts=True, running=True,
+                                             canUndo=True, hasResult=True))
+    assert running.segmentText == "Cancel" and running.segmentEnabled
+    assert not (running.undoEnabled or running.addToTrainingEnabled or running.inputsEnabled)
+    cancelling = promptButtonStates(PromptState(running=True, cancelRequested=True))
+    assert cancelling.segmentText == "Cancel" and not cancelling.segmentEnabled
+    old = promptButtonStates(PromptState(volumeSelected=True, havePrompts=True,
+                                         incompatibility="needs 3D Slicer 5.10"))
+    assert not old.segmentEnabled and old.segmentToolTip == "needs 3D Slicer 5.10"
+
+
+def test_plan_prompt_cancels_refuses_or_starts() -> None:
+    from MaskSAMSlicerLib.panelLogic import planPrompt
+
+    def plan(**changes):
+        inputs = dict(running=False, incompatibility=None, volumeSelected=True,
+                      havePrompts=True)
+        return planPrompt(**{**inputs, **changes})
+
+    assert plan().action == "start"
+    assert plan(running=True).action == "cancel"
+    assert plan(incompatibility="old Slicer").message == "old Slicer"
+    assert plan(volumeSelected=False).message == "Select the volume to segment first."
+    refused = plan(havePrompts=False)
+    assert refused.action == "refuse" and "Place a box (ROI) or points" in refused.message

@@ -33,13 +33,12 @@ from MaskSAMSlicerLib.segmentationLogic import (  # noqa: E402
     SegmentationLogic,
     registerSegmentationConverterRules,
 )
-from MaskSAMSlicerLib.trainingLogic import (  # noqa: E402
+from MaskSAMSlicerLib.trainingCases import (  # noqa: E402
     TrainingCaseStore,
-    TrainingJob,
-    TrainingLogic,
     applyClassStyles,
     isGenericTerminology,
 )
+from MaskSAMSlicerLib.trainingLogic import TrainingJob, TrainingLogic  # noqa: E402
 
 from MaskSAMLib.config import ModelConfig, make_labels, make_model_config  # noqa: E402
 from MaskSAMLib.terminology import terminology_for  # noqa: E402

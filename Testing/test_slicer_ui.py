@@ -23,7 +23,9 @@ from PySide6 import QtCore, QtGui, QtUiTools  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "MaskSAMSlicer"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MaskSAMSlicer.ui"
-WIDGET_CODE = MODULE_DIR / "MaskSAMSlicerLib" / "widget.py"
+#: The panel's code: the shell (widget.py) and its sections.
+PANEL_CODE = [MODULE_DIR / "MaskSAMSlicerLib" / f"{name}.py" for name in
+              ("widget", "panelSection", "autoSegmentSection", "trainSection", "promptSection")]
 PARAMETERS_CODE = MODULE_DIR / "MaskSAMSlicerLib" / "parameters.py"
 SCREENSHOTS = REPO / "Resources" / "Screenshots"
 CAPTION = ("Stand-in rendering of the MaskSAM module panel (PySide6; CTK/MRML widgets drawn as "
@@ -123,13 +125,16 @@ def objectNames(widget) -> set[str]:
 def test_ui_loads_and_has_every_widget_the_code_uses(app):
     widget, loader = loadUi(app)
     names = objectNames(widget)
-    used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", WIDGET_CODE.read_text()))
-    used |= set(re.findall(r'getattr\(self\.ui, "(\w+)"\)', WIDGET_CODE.read_text()))
-    for match in re.finditer(r"for name in \(([^)]*)\):\s*\n\s*getattr\(self\.ui, name\)",
-                             WIDGET_CODE.read_text()):
+    code = "\n".join(path.read_text() for path in PANEL_CODE)
+    used = set(re.findall(r"(?:self\.ui|\bui)\.([A-Za-z_]\w*)", code))
+    used |= set(re.findall(r'getattr\((?:self\.)?ui, "(\w+)"\)', code))
+    for match in re.finditer(r"for name in \(([^)]*)\):\s*\n\s*getattr\((?:self\.)?ui, name\)",
+                             code):
         used |= set(re.findall(r'"(\w+)"', match.group(1)))
-    assert len(used) > 40
-    assert used - names == set(), f"widget.py uses widgets missing from the .ui: {used - names}"
+    used |= set(re.findall(r'\("(prompt\w+Selector)", "vtkMRML', code))
+    assert len(used) > 60
+    missing = used - names
+    assert missing == set(), f"the panel code uses widgets missing from the .ui: {missing}"
     # Every custom class in the .ui was created through a stand-in (a new CTK/MRML class in the
     # .ui needs one here, and a declaration in <customwidgets>).
     tree = ET.parse(UI_FILE)
@@ -143,7 +148,7 @@ def test_ui_loads_and_has_every_widget_the_code_uses(app):
 def test_tabs_and_research_notice(app):
     widget, _ = loadUi(app)
     tabs = widget.findChild(QtWidgets.QTabWidget, "mainTabWidget")
-    assert [tabs.tabText(i) for i in range(tabs.count())] == ["Auto-segment", "Train"]
+    assert [tabs.tabText(i) for i in range(tabs.count())] == ["Auto-segment", "Train", "Prompt"]
     notice = widget.findChild(QtWidgets.QLabel, "researchNoticeLabel").text()
     assert "Research use only" in notice and "not for diagnosis" in notice
     device = widget.findChild(QtWidgets.QComboBox, "deviceSelector")

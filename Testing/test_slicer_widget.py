@@ -43,6 +43,10 @@ if str(MODULE_DIR) not in sys.path:
 import slicer_qt_shims as shims  # noqa: E402
 
 PY = sys.executable
+TERMINOLOGY_KIDNEY = (
+    "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
+    "Structure~SCT^64033007^Kidney~^^~Anatomic codes - DICOM master list~^^~^^"
+)
 
 FAKE_SEGMENT = textwrap.dedent(
     """
@@ -188,9 +192,10 @@ def env(app, monkeypatch, tmp_path):
 
 def makePanel(env):
     for name in [n for n in sys.modules if n.startswith("MaskSAMSlicerLib.")]:
-        if name.endswith(("widget", "parameters")):
+        if name.endswith(("widget", "parameters", "Section")):
             del sys.modules[name]
     from MaskSAMSlicerLib.parameters import MaskSAMSlicerParameterNode
+    from MaskSAMSlicerLib.promptLogic import PromptLogic
     from MaskSAMSlicerLib.segmentationLogic import SegmentationLogic
     from MaskSAMSlicerLib.trainingLogic import TrainingLogic
     from MaskSAMSlicerLib.widget import MaskSAMSlicerPanel
@@ -200,6 +205,7 @@ def makePanel(env):
     logic = types.SimpleNamespace(
         segmentation=SegmentationLogic(env.scene, python=PY),
         training=TrainingLogic(env.scene, python=PY),
+        prompt=PromptLogic(env.scene, python=PY),
         getParameterNode=lambda: parameterNode,
     )
     panel = MaskSAMSlicerPanel(env.moduleWidget, logic)
@@ -255,7 +261,7 @@ def useFakeChild(panel, env, delay=0.0):
 def test_panel_builds_and_says_how_to_get_a_model(env):
     panel = makePanel(env)
     ui = panel.ui
-    assert ui.mainTabWidget.count == 2
+    assert ui.mainTabWidget.count == 3
     assert ui.applyButton.text == "Apply" and not ui.applyButton.enabled
     assert ui.applyButton.toolTip == "Select an input volume first."
     assert not ui.noModelLabel.isHidden()  # no model yet: the hint is shown
@@ -272,7 +278,7 @@ def test_apply_runs_the_child_shows_progress_and_imports_segments(env):
     panel = makePanel(env)
     useFakeChild(panel, env, delay=0.4)
     ui = panel.ui
-    panel.refreshModels(selectPath=str(modelDir))
+    panel.autoSegment.refreshModels(selectPath=str(modelDir))
     ui.inputVolumeSelector.setCurrentNode(volume)
     assert "1 classes: liver" in ui.modelInfoLabel.text
     assert ui.applyButton.enabled and ui.applyButton.toolTip == "Run auto-segmentation."
@@ -303,10 +309,11 @@ def test_cancel_while_segmenting_changes_nothing(env):
     panel = makePanel(env)
     useFakeChild(panel, env, delay=20)
     ui = panel.ui
-    panel.refreshModels(selectPath=str(modelDir))
+    panel.autoSegment.refreshModels(selectPath=str(modelDir))
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.applyButton.click()
-    pump(env, lambda: panel._segJob is not None and panel._segJob.runner.startEvent)
+    section = panel.autoSegment
+    pump(env, lambda: section._segJob is not None and section._segJob.runner.startEvent)
     ui.applyButton.click()  # Cancel
     assert ui.statusLabel.text == "Cancelling..." and not ui.applyButton.enabled
     pump(env, lambda: ui.applyButton.text == "Apply", timeout=30)
@@ -321,13 +328,13 @@ def test_replacing_a_segmentation_needs_a_yes(env):
     mine.GetSegmentation().AddEmptySegment("a", "a")
     panel = makePanel(env)
     ui = panel.ui
-    panel.refreshModels(selectPath=str(modelDir))
+    panel.autoSegment.refreshModels(selectPath=str(modelDir))
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.outputSegmentationSelector.setCurrentNode(mine)
     env.recorder.answers = [False]
     ui.applyButton.click()
     assert "'my work' already holds 1 segments" in env.recorder.questions[-1]
-    assert ui.statusLabel.text == "Nothing was changed." and panel._segJob is None
+    assert ui.statusLabel.text == "Nothing was changed." and panel.autoSegment._segJob is None
     assert mine.GetSegmentation().GetNthSegment(0).GetName() == "a"
 
 
@@ -336,13 +343,13 @@ def test_crop_without_roi_is_refused_with_a_message(env):
     modelDir = makeModelDir(env.tmp / "home" / "models" / "m", ["liver"])
     panel = makePanel(env)
     ui = panel.ui
-    panel.refreshModels(selectPath=str(modelDir))
+    panel.autoSegment.refreshModels(selectPath=str(modelDir))
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.cropCheckBox.checked = True
     assert ui.roiSelector.enabled
     ui.applyButton.click()
     assert "no ROI is selected" in env.recorder.errors[-1]
-    assert panel._segJob is None
+    assert panel.autoSegment._segJob is None
 
 
 def test_old_slicer_gets_a_message_instead_of_a_run(env, monkeypatch):
@@ -351,15 +358,15 @@ def test_old_slicer_gets_a_message_instead_of_a_run(env, monkeypatch):
     modelDir = makeModelDir(env.tmp / "home" / "models" / "m", ["liver"])
     panel = makePanel(env)
     ui = panel.ui
-    panel.refreshModels(selectPath=str(modelDir))
+    panel.autoSegment.refreshModels(selectPath=str(modelDir))
     ui.inputVolumeSelector.setCurrentNode(volume)
     assert "needs 3D Slicer 5.10 or later" in ui.statusLabel.text
     assert "Slicer 5.8" in ui.trainStatusLabel.text
     assert not ui.applyButton.enabled and not ui.startTrainingButton.enabled
-    panel.onApplyButton()  # e.g. from a script: still refused, with the message
-    assert "Slicer 5.10" in env.recorder.errors[-1] and panel._segJob is None
-    panel.onStartTraining()
-    assert panel._trainJob is None
+    panel.autoSegment.onApplyButton()  # e.g. from a script: still refused, with the message
+    assert "Slicer 5.10" in env.recorder.errors[-1] and panel.autoSegment._segJob is None
+    panel.train.onStartTraining()
+    assert panel.train._trainJob is None
 
 
 def test_add_case_and_remove_case_from_the_train_tab(env):
@@ -395,7 +402,7 @@ def test_add_case_and_remove_case_from_the_train_tab(env):
 def test_model_download_runs_off_the_gui_thread_and_can_be_cancelled(env):
     import zipfile
 
-    from MaskSAMSlicerLib.modelRegistry import sha256OfFile
+    from MaskSAMLib.files import sha256_file as sha256OfFile
 
     source = makeModelDir(env.tmp / "published", ["liver", "spleen"])
     archive = env.tmp / "published.zip"
@@ -413,26 +420,26 @@ def test_model_download_runs_off_the_gui_thread_and_can_be_cancelled(env):
     assert not ui.downloadModelButton.isHidden() and ui.downloadModelButton.enabled
     env.recorder.answers = [False]
     ui.downloadModelButton.click()  # declined: nothing happens
-    assert panel._fetch is None and "SHA-256" in env.recorder.questions[-1]
+    assert panel.autoSegment._fetch is None and "SHA-256" in env.recorder.questions[-1]
     env.recorder.answers = [True]
     ui.downloadModelButton.click()
-    assert panel._fetch is not None and not ui.downloadModelButton.enabled
-    pump(env, lambda: panel._fetch is None)
+    assert panel.autoSegment._fetch is not None and not ui.downloadModelButton.enabled
+    pump(env, lambda: panel.autoSegment._fetch is None)
     assert env.recorder.errors == []
     assert "ready" in ui.statusLabel.text
-    model = panel.selectedModel()
+    model = panel.autoSegment.selectedModel()
     assert model.available and model.name == "published"
 
 
 def test_the_training_plot_view_is_owned_by_the_panel_and_not_saved(env):
     panel = makePanel(env)
     panel.logic.training.createCurveNodes()
-    panel._connectPlot()
+    panel.train._connectPlot()
     view = panel.ui.curvesPlotWidget._obj.plotViewNode
     assert view.GetParentLayoutNode() is not None
     assert view.GetParentLayoutNode() is panel.logic.getParameterNode().parameterNode
     assert not view.GetSaveWithScene()
-    panel._connectPlot()  # the same view node again, not a second one
+    panel.train._connectPlot()  # the same view node again, not a second one
     assert env.scene.GetNodesByClass("vtkMRMLPlotViewNode").GetNumberOfItems() == 1
 
 
@@ -456,3 +463,173 @@ def test_a_renamed_ui_widget_fails_the_panel_setup(env, monkeypatch, tmp_path):
                                                  else original(rel))
     with pytest.raises(AttributeError, match="applyButton"):
         makePanel(env)
+
+
+# ----------------------------------------------------------------------------- Prompt section
+FAKE_WORKER = textwrap.dedent(
+    """
+    # Stand-in for `masksam worker`: the protocol of INTERFACES.md; a request "segments" the
+    # voxels above 100 HU, one slice per progress event, and can be cancelled between slices.
+    import json, os, queue, sys, threading, time
+    import numpy as np, SimpleITK as sitk
+    lines = queue.Queue()
+    def read():
+        for line in sys.stdin:
+            lines.put(json.loads(line))
+        lines.put({"request": "stop"})
+    threading.Thread(target=read, daemon=True).start()
+    def emit(**e):
+        print(json.dumps({"v": 1, **e}), flush=True)
+    runs = 0
+    pending = []
+    while True:
+        request = pending.pop(0) if pending else lines.get()
+        if request["request"] == "stop":
+            break
+        if request["request"] != "segment":
+            continue
+        rid = request["id"]
+        delay = float(open(os.environ["FAKE_DELAY_FILE"]).read() or 0)
+        image = sitk.ReadImage(request["volume"])
+        a = sitk.GetArrayFromImage(image)
+        emit(id=rid, event="start", stage="prompt", done=0, total=a.shape[0])
+        cancelled = False
+        for k in range(a.shape[0]):
+            time.sleep(delay)
+            while not lines.empty():
+                other = lines.get()
+                if other["request"] == "cancel" and other.get("id") == rid:
+                    cancelled = True
+                else:
+                    pending.append(other)
+            if cancelled:
+                break
+            emit(id=rid, event="progress", stage="prompt", done=k + 1, total=a.shape[0])
+        if cancelled:
+            emit(id=rid, event="error", cancelled=True, message="Cancelled; nothing was written.")
+            continue
+        result = sitk.GetImageFromArray((a > 100).astype(np.uint8))
+        result.CopyInformation(image)
+        sitk.WriteImage(result, request["out"])
+        emit(id=rid, event="done", stage="prompt", output=request["out"],
+             segments=[{"name": request["prompts"]["structures"][0]["name"],
+                        "encoder_runs": 0 if runs else a.shape[0]}])
+        runs += 1
+    """
+)
+
+
+def addViewSingletons(scene) -> None:
+    """The selection and interaction nodes the application's views use for place mode."""
+    for node in (slicer.vtkMRMLSelectionNode(), slicer.vtkMRMLInteractionNode()):
+        node.SetSingletonTag("Singleton")
+        scene.AddNode(node)
+
+
+def useFakeWorker(panel, env, monkeypatch):
+    from MaskSAMSlicerLib.promptLogic import PromptWorker
+
+    script = env.tmp / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    delayFile = env.tmp / "delay"
+    delayFile.write_text("0.05")
+    monkeypatch.setattr(PromptWorker, "command", lambda self: [PY, str(script)])
+    panel.logic.prompt.environment = {**os.environ, "FAKE_DELAY_FILE": str(delayFile)}
+    return delayFile
+
+
+def test_prompt_section_segments_undoes_cancels_and_stops_with_the_scene(env, monkeypatch):
+    from MaskSAMSlicerLib.promptLogic import segmentMask
+    from MaskSAMSlicerLib.segmentationLogic import registerSegmentationConverterRules
+
+    registerSegmentationConverterRules()
+    psutil = pytest.importorskip("psutil")
+    addViewSingletons(env.scene)
+    volume, array = addVolume(env.scene)
+    panel = makePanel(env)
+    delayFile = useFakeWorker(panel, env, monkeypatch)
+    ui = panel.ui
+    ui.promptVolumeSelector.setCurrentNode(volume)
+    assert ui.promptSegmentButton.text == "Segment" and not ui.promptSegmentButton.enabled
+    assert ui.promptSegmentButton.toolTip.startswith("Place a box")
+    assert ui.promptSegmentSelector.currentText == "(new segment)"
+    assert not ui.promptUndoButton.enabled
+
+    # Place: a new ROI, chosen in the selector, and the views in place mode for it.
+    ui.placeRoiButton.click()
+    roi = ui.promptRoiSelector.currentNode()
+    assert roi is not None and roi.IsA("vtkMRMLMarkupsROINode")
+    interaction = env.scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    selection = env.scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    assert interaction.GetCurrentInteractionMode() == interaction.Place
+    assert selection.GetActivePlaceNodeID() == roi.GetID()
+    assert "Draw the box" in ui.promptStatusLabel.text
+    roi.SetXYZ(6.0, 4.5, 7.5)
+    roi.SetRadiusXYZ(4.0, 3.0, 5.0)
+    assert ui.promptSegmentButton.enabled
+
+    # Segment into a new segment of a new segmentation: Cancel while running, then the result.
+    ui.promptNewSegmentNameLineEdit.text = "kidney"
+    ui.promptSegmentButton.click()
+    assert ui.promptSegmentButton.text == "Cancel" and not ui.placeRoiButton.enabled
+    pump(env, lambda: ui.promptSegmentButton.text == "Segment")
+    assert env.recorder.errors == []
+    assert ui.promptStatusLabel.text.startswith("'kidney':") and "mL" in ui.promptStatusLabel.text
+    segNodes = env.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    assert segNodes.GetNumberOfItems() == 1
+    segmentationNode = segNodes.GetItemAsObject(0)
+    assert segmentationNode.GetName() == "CT prompts"
+    assert ui.promptSegmentationSelector.currentNode() is segmentationNode
+    assert ui.promptSegmentSelector.currentText == "kidney"  # the next click corrects it
+    segmentation = segmentationNode.GetSegmentation()
+    segmentId = segmentation.GetNthSegmentID(0)
+    assert np.array_equal(segmentMask(segmentationNode, segmentId, volume), array > 100)
+    assert ui.promptUndoButton.enabled and ui.promptAddToTrainingButton.enabled
+    pid = panel.logic.prompt.worker.pid()
+
+    # Again into the same segment: colour and terminology kept, the worker stayed warm.
+    segment = segmentation.GetSegment(segmentId)
+    segment.SetColor(0.2, 0.4, 0.6)
+    segment.SetTerminology(TERMINOLOGY_KIDNEY)
+    ui.promptModeSelector.setCurrentIndex(ui.promptModeSelector.findText("Add to the segment"))
+    ui.promptSegmentButton.click()
+    pump(env, lambda: ui.promptSegmentButton.text == "Segment")
+    assert "already encoded were reused" in ui.promptStatusLabel.text
+    assert panel.logic.prompt.worker.pid() == pid
+    assert segmentation.GetNumberOfSegments() == 1
+    assert segment.GetName() == "kidney" and segment.GetTerminology() == TERMINOLOGY_KIDNEY
+    assert segment.GetColor() == pytest.approx((0.2, 0.4, 0.6))
+
+    # Undo twice: the segment as it was, then gone (it was made by the first Segment).
+    ui.promptUndoButton.click()
+    assert "Undone" in ui.promptStatusLabel.text and segmentation.GetNumberOfSegments() == 1
+    ui.promptUndoButton.click()
+    assert segmentation.GetNumberOfSegments() == 0
+    assert ui.promptSegmentSelector.currentText == "(new segment)"
+    assert not ui.promptUndoButton.enabled
+
+    # Cancel: the request ends cancelled and nothing is added.
+    delayFile.write_text("1.0")
+    ui.promptSegmentButton.click()
+    job = panel.prompt._job
+    pump(env, lambda: any(e.get("event") == "start" for e in job.events))
+    ui.promptSegmentButton.click()  # Cancel
+    assert ui.promptStatusLabel.text == "Cancelling..." and not ui.promptSegmentButton.enabled
+    pump(env, lambda: ui.promptSegmentButton.text == "Segment", timeout=30)
+    assert "cancelled" in ui.promptStatusLabel.text
+    assert segmentation.GetNumberOfSegments() == 0 and env.recorder.errors == []
+
+    # Closing the scene stops the worker.
+    panel.onSceneStartClose(None, None)
+    assert panel.logic.prompt.worker is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_prompt_section_without_views_or_volume_says_why(env, monkeypatch):
+    panel = makePanel(env)
+    ui = panel.ui
+    panel.prompt.onSegment()  # e.g. from a script with nothing chosen
+    assert env.recorder.errors[-1] == "Select the volume to segment first."
+    ui.placePositiveButton.click()  # no views in this scene: a message, not a traceback
+    assert ui.promptPositivePointsSelector.currentNode() is not None
+    assert "no views to place markups in" in env.recorder.errors[-1]

@@ -20,7 +20,6 @@ No qt, no slicer application object, no torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,12 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from MaskSAMLib.errors import MaskSAMError
+from MaskSAMLib.files import sha256_file
+from MaskSAMLib.models import CONFIG_NAME as CONFIG_FILE
+from MaskSAMLib.models import WEIGHTS_NAME as WEIGHTS_FILE
+from MaskSAMLib.models import ModelEntry, model_labels
+
 from .errors import ModelError
 
 REGISTRY_FORMAT_VERSION = 1
 ADDED_MODELS_FILE = "added-models.json"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
@@ -112,30 +115,15 @@ def _readSafetensorsHeader(path: Path) -> dict[str, Any]:
     return header
 
 
-def _checkLabels(labels: Any, configPath: Path) -> list[dict[str, Any]]:
-    if not isinstance(labels, list) or not labels:
-        raise ModelError(f"{configPath} lists no labels; re-create the model.")
-    checked = []
-    for entry in labels:
-        try:
-            value = int(entry["value"])
-            name = str(entry["name"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{configPath}: a label lacks an integer value or a name.") from exc
-        color = entry.get("color") or [128, 128, 128]
-        if not isinstance(color, (list, tuple)) or len(color) != 3:
-            raise ModelError(f"{configPath}: label '{name}' has an invalid colour {color!r}.")
-        checked.append(
-            {
-                "value": value,
-                "name": name,
-                "color": [int(c) for c in color],
-                "terminology": entry.get("terminology") or None,
-            }
-        )
-    if 0 not in [lab["value"] for lab in checked]:
-        raise ModelError(f"{configPath}: no background label (value 0); re-create the model.")
-    return checked
+def readJsonObject(path: Path, error: type[Exception], advice: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` (one line ending in ``advice``) otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {advice}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object; {advice}")
+    return data
 
 
 def readModelDir(path: str | os.PathLike, *, source: str = "user") -> ModelInfo:
@@ -149,13 +137,11 @@ def readModelDir(path: str | os.PathLike, *, source: str = "user") -> ModelInfo:
             f"{folder} has no {CONFIG_FILE}; it is not a MaskSAM model folder (train one in the "
             "Train tab or create one with 'masksam init')."
         )
+    config = readJsonObject(configPath, ModelError, "copy the model again.")
     try:
-        config = json.loads(configPath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{configPath} is not valid JSON ({exc}); copy the model again.") from exc
-    if not isinstance(config, dict):
-        raise ModelError(f"{configPath} must hold a JSON object; copy the model again.")
-    labels = _checkLabels(config.get("labels"), configPath)
+        labels = model_labels(config.get("labels"), str(configPath))
+    except MaskSAMError as exc:
+        raise ModelError(str(exc)) from exc
     backbone = config.get("backbone")
     backboneName = backbone.get("name") if isinstance(backbone, dict) else backbone
     if not isinstance(backboneName, str) or not backboneName:
@@ -171,7 +157,7 @@ def readModelDir(path: str | os.PathLike, *, source: str = "user") -> ModelInfo:
         name=folder.name,
         path=folder,
         backbone=backboneName,
-        labels=sorted(labels, key=lambda lab: lab["value"]),
+        labels=labels,
         source=source,
         provenance=provenance,
     )
@@ -183,14 +169,6 @@ def isModelDir(path: str | os.PathLike) -> bool:
     except ModelError:
         return False
     return True
-
-
-def sha256OfFile(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def loadRegistryFile(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -282,13 +260,9 @@ class ModelRegistry:
             folder = (self.registryFile.parent / str(entry["folder"])).resolve()
             files = {str(k): str(v) for k, v in (entry.get("files") or {}).items()}
             try:
-                bad = [n for n, digest in files.items()
-                       if not (folder / n).is_file() or sha256OfFile(folder / n) != digest]
-                if bad:
-                    raise ModelError(f"The bundled model {entry['name']} is damaged ({bad[0]} does "
-                                     "not match its SHA-256); reinstall MaskSAMSlicer.")
+                ModelEntry(str(entry["name"]), "bundled", folder, files=files).verify()
                 info = readModelDir(folder, source="bundled")
-            except ModelError as exc:
+            except (MaskSAMError, ModelError) as exc:
                 self.problems.append(str(exc))
                 continue
             info.name = str(entry["name"])
@@ -421,7 +395,7 @@ class ModelRegistry:
                 shutil.copyfile(localFile, archive)
             else:
                 self._download(entry["url"], archive, progress)
-            digest = sha256OfFile(archive)
+            digest = sha256_file(archive)
             if digest.lower() != str(entry["sha256"]).lower():
                 raise ModelError(
                     f"The file for '{name}' has SHA-256 {digest}, expected {entry['sha256']}; it "

@@ -217,6 +217,85 @@ def trainingEndMessage(*, succeeded: bool, cancelled: bool, returnCode: int | No
     return f"Training failed: {error}", True
 
 
+# ====================================================================== Prompt
+#: The mode selector's entries -> ``PromptLogic`` modes.
+PROMPT_MODES = {
+    "Replace the segment": "replace",
+    "Add to the segment": "add",
+    "Correct the prompted slices": "correct",
+}
+NEW_SEGMENT = "(new segment)"
+
+
+@dataclass
+class PromptState:
+    """What the Prompt section's buttons depend on."""
+
+    running: bool = False
+    cancelRequested: bool = False
+    volumeSelected: bool = False
+    havePrompts: bool = False
+    canUndo: bool = False
+    hasResult: bool = False
+    newSegment: bool = True
+    incompatibility: str | None = None
+
+
+@dataclass
+class PromptButtons:
+    segmentText: str
+    segmentEnabled: bool
+    segmentToolTip: str
+    undoEnabled: bool
+    addToTrainingEnabled: bool
+    inputsEnabled: bool
+    newNameEnabled: bool
+
+
+def promptButtonStates(state: PromptState) -> PromptButtons:
+    running = state.running
+    if running:
+        text, enabled = "Cancel", not state.cancelRequested
+        tip = "Stop this request; the segment is not changed."
+    else:
+        text = "Segment"
+        enabled = (state.volumeSelected and state.havePrompts
+                   and state.incompatibility is None)
+        tip = (state.incompatibility or
+               ("Select the volume to segment first." if not state.volumeSelected else
+                "Place a box (ROI) or points in the slice views first." if not state.havePrompts
+                else "Segment from the box and points (the first run starts the model)."))
+    return PromptButtons(
+        segmentText=text, segmentEnabled=enabled, segmentToolTip=tip,
+        undoEnabled=state.canUndo and not running,
+        addToTrainingEnabled=state.hasResult and not running,
+        inputsEnabled=not running,
+        newNameEnabled=state.newSegment and not running,
+    )
+
+
+def planPrompt(*, running: bool, incompatibility: str | None, volumeSelected: bool,
+               havePrompts: bool) -> ApplyPlan:
+    """What pressing Segment does: ``cancel``, ``refuse`` (show ``message``) or ``start``."""
+    if running:
+        return ApplyPlan("cancel", "Cancelling...")
+    if incompatibility:
+        return ApplyPlan("refuse", incompatibility)
+    if not volumeSelected:
+        return ApplyPlan("refuse", "Select the volume to segment first.")
+    if not havePrompts:
+        return ApplyPlan("refuse", "Place a box (ROI) or points in the slice views first, then "
+                         "click Segment.")
+    return ApplyPlan("start")
+
+
+def promptDoneMessage(segmentName: str, volumeMl: float, elapsedS: float,
+                      encoderRuns: int | None) -> str:
+    reuse = (" (slices already encoded were reused)" if encoderRuns == 0 else "")
+    return (f"'{segmentName}': {volumeMl:.1f} mL in {elapsedS:.1f} s{reuse}. Undo restores the "
+            "segment as it was.")
+
+
 # ====================================================================== model download
 class ModelFetch:
     """Download a registry model on a worker thread; the GUI polls and may cancel.

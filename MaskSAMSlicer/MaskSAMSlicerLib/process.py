@@ -244,6 +244,9 @@ class ProcessRunner:
                 return text[len("error: "):] if text.startswith("error: ") else text
         return f"The process exited with code {self.returnCode}."
 
+    #: Whether the child reads stdin (a pipe, see :class:`StdinProcessRunner`) or /dev/null.
+    stdinPipe = False
+
     # ------------------------------------------------------------------ start
     def start(self) -> ProcessRunner:
         if self.popen is not None:
@@ -263,7 +266,7 @@ class ProcessRunner:
         try:
             self.popen = subprocess.Popen(
                 self.args,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if self.stdinPipe else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=self.env,
@@ -566,6 +569,54 @@ class ProcessRunner:
         """Pids of the child and the descendants seen so far (for tests and diagnostics)."""
         self._rememberTree()
         return sorted(self._knownTree)
+
+
+class StdinProcessRunner(ProcessRunner):
+    """A :class:`ProcessRunner` whose child reads requests on stdin (a long-lived worker)."""
+
+    stdinPipe = True
+
+    def writeLine(self, text: str) -> bool:
+        """Send one line to the child; False when it is gone (the exit event will follow)."""
+        if self.popen is None or self.popen.stdin is None or self.popen.poll() is not None:
+            return False
+        try:
+            self.popen.stdin.write(text.rstrip("\n") + "\n")
+            self.popen.stdin.flush()
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def closeStdin(self) -> None:
+        if self.popen is not None and self.popen.stdin is not None:
+            try:
+                self.popen.stdin.close()
+            except (OSError, ValueError):
+                pass
+
+
+class ChildLogic:
+    """What the logic classes that run ``MaskSAMLib`` children share: scene, python, env.
+
+    Args:
+        scene: the MRML scene (default ``slicer.mrmlScene``, looked up when used).
+        python: the interpreter for the child (default ``PythonSlicer`` or this Python).
+        environment: base environment for the child (default ``os.environ``).
+    """
+
+    def __init__(self, scene=None, *, python: str | None = None,
+                 environment: dict[str, str] | None = None) -> None:
+        self._scene = scene
+        self.python = python or pythonExecutable()
+        self.environment = environment
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        return slicer.mrmlScene
 
 
 def runBlocking(

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -40,62 +38,16 @@ import numpy as np
 
 from . import volumeIO
 from .errors import CancelledError, ChildFailedError, InputError
-from .process import ProcessError, ProcessRunner, childEnvironment, pythonExecutable
-from .segmentationLogic import deviceValue, registerSegmentationConverterRules
+from .process import ChildLogic, StdinProcessRunner, childEnvironment, pythonExecutable
+from .segmentationLogic import (
+    deviceValue,
+    registerSegmentationConverterRules,
+    setSegmentTerminology,
+    sidecarPath,
+)
 
 #: How the result enters the chosen segment.
 MODES = ("replace", "add", "correct")
-
-
-class StdinProcessRunner(ProcessRunner):
-    """A :class:`ProcessRunner` whose child reads requests on stdin (a pipe, not /dev/null)."""
-
-    def start(self) -> StdinProcessRunner:
-        if self.popen is not None:
-            raise ProcessError("This runner has already been started; create a new one.")
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(
-                subprocess, "CREATE_NEW_PROCESS_GROUP", 0
-            )
-        else:
-            kwargs["start_new_session"] = True
-        try:
-            self.popen = subprocess.Popen(
-                self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace",
-                bufsize=1, **kwargs,
-            )
-        except OSError as exc:
-            raise ProcessError(f"Could not start {self.args[0]}: {exc}") from exc
-        self.startTime = time.monotonic()
-        import threading
-
-        for name, stream in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
-            thread = threading.Thread(target=self._drain, args=(name, stream),
-                                      name=f"MaskSAM-worker-{name}", daemon=True)
-            self._openStreams += 1
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def writeLine(self, text: str) -> bool:
-        """Send one line to the child; False when it is gone (the exit event will follow)."""
-        if self.popen is None or self.popen.stdin is None or self.popen.poll() is not None:
-            return False
-        try:
-            self.popen.stdin.write(text.rstrip("\n") + "\n")
-            self.popen.stdin.flush()
-            return True
-        except (OSError, ValueError):
-            return False
-
-    def closeStdin(self) -> None:
-        if self.popen is not None and self.popen.stdin is not None:
-            try:
-                self.popen.stdin.close()
-            except (OSError, ValueError):
-                pass
 
 
 class PromptWorker:
@@ -197,6 +149,7 @@ class PromptJob:
     finished: bool = False
     error: str | None = None
     cancelled: bool = False
+    cancelRequested: bool = False
     doneEvent: dict[str, Any] | None = None
     startedAt: float = field(default_factory=time.monotonic)
 
@@ -238,7 +191,7 @@ def rasToLps(points: np.ndarray) -> np.ndarray:
     return np.asarray(points, dtype=float) * np.array([-1.0, -1.0, 1.0])
 
 
-class PromptLogic:
+class PromptLogic(ChildLogic):
     """Prompted segmentation of volume nodes through a warm worker process.
 
     Args:
@@ -247,15 +200,14 @@ class PromptLogic:
         tempRoot: where the temporary folder goes (the widget passes
             ``slicer.app.temporaryPath``).
         environment: base environment for the worker.
+        workerArgs: more ``worker`` flags (``--backbone``, ``--sam-checkpoint``).
     """
 
     def __init__(self, scene=None, *, python: str | None = None, tempRoot: str | None = None,
                  environment: dict[str, str] | None = None,
                  workerArgs: Sequence[str] = ()) -> None:
-        self._scene = scene
-        self.python = python or pythonExecutable()
+        super().__init__(scene, python=python, environment=environment)
         self.tempRoot = tempRoot
-        self.environment = environment
         self.workerArgs = list(workerArgs)
         self.worker: PromptWorker | None = None
         self._workerDevice: str | None = None
@@ -264,33 +216,30 @@ class PromptLogic:
         self._undo: list[tuple[Any, str, np.ndarray | None, Any]] = []
         self._results = itertools.count(1)
 
-    @property
-    def scene(self):
-        if self._scene is not None:
-            return self._scene
-        import slicer
-
-        return slicer.mrmlScene
-
     # ------------------------------------------------------------------ worker
     def ensureWorker(self, device: str = "Auto") -> PromptWorker:
         """The running worker for ``device`` (started, or restarted for another device)."""
         value = deviceValue(device)
         if self.worker is not None and self.worker.isRunning() and self._workerDevice == value:
             return self.worker
-        self.stopWorker()
+        # Only the process: the volume files already written (and the request's output folder)
+        # stay, so a restart for another device does not pull the folder from under the request.
+        self._stopProcess()
         self.worker = PromptWorker(python=self.python, device=value,
                                    environment=self.environment,
                                    extraArgs=self.workerArgs).start()
         self._workerDevice = value
         return self.worker
 
-    def stopWorker(self, timeout: float = 10.0) -> None:
-        """End the worker (call on scene close and module cleanup) and drop temporary files."""
+    def _stopProcess(self, timeout: float = 10.0) -> None:
         if self.worker is not None:
             self.worker.stop(timeout=timeout)
         self.worker = None
         self._workerDevice = None
+
+    def stopWorker(self, timeout: float = 10.0) -> None:
+        """End the worker (call on scene close and module cleanup) and drop temporary files."""
+        self._stopProcess(timeout)
         if self._workDir is not None:
             shutil.rmtree(self._workDir, ignore_errors=True)
         self._workDir = None
@@ -448,6 +397,7 @@ class PromptLogic:
     def cancel(self, job: PromptJob) -> None:
         """Ask the worker to stop this request (keep polling until ``job.finished``)."""
         if self.worker is not None and not job.finished:
+            job.cancelRequested = True
             self.worker.cancel(job.requestId)
 
     def waitJob(self, job: PromptJob, timeout: float | None = None,
@@ -484,7 +434,7 @@ class PromptLogic:
                                        color=job.color, terminology=job.terminology,
                                        mode=job.mode)
         finally:
-            for name in (job.outputPath, job.outputPath.with_suffix(".json")):
+            for name in (job.outputPath, sidecarPath(job.outputPath)):
                 Path(name).unlink(missing_ok=True)
         voxels = int(self._segmentArray(job.segmentationNode, segmentId, job.volumeNode).sum())
         segments = (job.doneEvent or {}).get("segments") or [{}]
@@ -502,11 +452,7 @@ class PromptLogic:
     # ------------------------------------------------------------------ segments
     @staticmethod
     def _segmentArray(segmentationNode, segmentId: str, volumeNode) -> np.ndarray | None:
-        import slicer.util
-
-        array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId,
-                                                           volumeNode)
-        return None if array is None else np.asarray(array) > 0
+        return segmentMask(segmentationNode, segmentId, volumeNode)
 
     def applyMask(
         self,
@@ -524,9 +470,6 @@ class PromptLogic:
 
         The previous content is kept for :meth:`undo`.
         """
-        import slicer
-        import slicer.util
-
         registerSegmentationConverterRules()
         expected = tuple(reversed(volumeIO.volumeSize(volumeNode)))
         if tuple(mask.shape) != expected:
@@ -542,37 +485,30 @@ class PromptLogic:
                 segmentId = segmentation.AddEmptySegment("", segmentName, list(color))
             else:
                 segmentId = segmentation.AddEmptySegment("", segmentName)
-            segment = segmentation.GetSegment(segmentId)
             if terminology:
-                if hasattr(segment, "SetTerminology"):
-                    segment.SetTerminology(str(terminology))
-                else:  # Slicer < 5.8
-                    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
-                                   str(terminology))
+                setSegmentTerminology(segmentation.GetSegment(segmentId), terminology)
         else:
             previous = self._segmentArray(segmentationNode, segmentId, volumeNode)
-            if previous is not None:
-                previous = previous.copy()
         values = mask.astype(bool)
         if mode == "add" and previous is not None:
             values = values | previous
         self._undo.append((segmentationNode, segmentId, previous, volumeNode))
         del self._undo[:-20]
-        slicer.util.updateSegmentBinaryLabelmapFromArray(values.astype(np.uint8),
-                                                         segmentationNode, segmentId,
-                                                         volumeNode)
+        setSegmentMask(values, segmentationNode, segmentId, volumeNode)
         return segmentId
 
     def canUndo(self) -> bool:
         return bool(self._undo)
 
+    def clearUndo(self) -> None:
+        """Forget the undo steps (the scene was closed: their nodes are gone)."""
+        self._undo.clear()
+
     def undo(self) -> bool:
         """Restore the segment changed last (or remove the one created); False if none."""
-        import slicer.util
-
         while self._undo:
             segmentationNode, segmentId, previous, volumeNode = self._undo.pop()
-            if segmentationNode.GetScene() is None:
+            if segmentationNode.GetScene() is None or volumeNode.GetScene() is None:
                 continue
             segmentation = segmentationNode.GetSegmentation()
             if segmentation.GetSegment(segmentId) is None:
@@ -580,7 +516,69 @@ class PromptLogic:
             if previous is None:
                 segmentation.RemoveSegment(segmentId)
             else:
-                slicer.util.updateSegmentBinaryLabelmapFromArray(
-                    previous.astype(np.uint8), segmentationNode, segmentId, volumeNode)
+                setSegmentMask(previous, segmentationNode, segmentId, volumeNode)
             return True
         return False
+
+
+def segmentMask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray | None:
+    """One segment as a boolean array ``(z, y, x)`` on the volume's grid (None: no segment).
+
+    Uses the node's own scene and the static segmentations logic (``slicer.util``'s helpers
+    need ``slicer.modules`` and the application's scene).
+    """
+    import slicer
+    import vtk
+
+    if segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+        return None
+    scene = segmentationNode.GetScene()
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentId)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__masksam_segment__")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, ids, labelmap, volumeNode,
+                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise InputError(f"Slicer could not read the segment '{segmentId}' on the grid of "
+                             f"'{volumeNode.GetName()}'.")
+        return np.asarray(slicer.util.arrayFromVolume(labelmap)) > 0
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def setSegmentMask(mask: np.ndarray, segmentationNode, segmentId: str, volumeNode) -> None:
+    """Replace one segment's voxels by ``mask`` ``(z, y, x)`` on the volume's grid."""
+    import slicer
+    import vtk
+
+    scene = segmentationNode.GetScene()
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentId)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__masksam_segment__")
+    try:
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(mask, dtype=np.uint8))
+        labelmap.CopyOrientation(volumeNode)
+        labelmap.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                labelmap, segmentationNode, ids):
+            raise InputError("Slicer could not put the result into the segment.")
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def startPlacing(markupsNode, *, persistent: bool = False) -> None:
+    """Put the slice views into place mode for ``markupsNode`` (an ROI or a points list).
+
+    ``persistent``: every click adds a point until the user leaves place mode (points);
+    otherwise one placement (an ROI).
+    """
+    scene = markupsNode.GetScene()
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton") if scene else None
+    interaction = scene.GetNodeByID("vtkMRMLInteractionNodeSingleton") if scene else None
+    if selection is None or interaction is None:
+        raise InputError("This scene has no views to place markups in.")
+    selection.SetReferenceActivePlaceNodeClassName(markupsNode.GetClassName())
+    selection.SetActivePlaceNodeID(markupsNode.GetID())
+    interaction.SetPlaceModePersistence(1 if persistent else 0)
+    interaction.SetCurrentInteractionMode(interaction.Place)

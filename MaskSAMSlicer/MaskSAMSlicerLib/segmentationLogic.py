@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from MaskSAMLib.files import split_extension
+
 from . import volumeIO
 from .errors import (
     CancelledError,
@@ -40,7 +42,13 @@ from .errors import (
     ReplaceNotConfirmedError,
 )
 from .modelRegistry import ModelInfo, readModelDir
-from .process import ProcessRunner, childEnvironment, masksamCommand, pythonExecutable
+from .process import (
+    ChildLogic,
+    ProcessRunner,
+    childEnvironment,
+    masksamCommand,
+    pythonExecutable,
+)
 
 #: Speed choices shown in the panel -> extra ``segment`` flags.
 SPEED_FLAGS = {"Fast": ["--fast"], "Standard": [], "Accurate": ["--tta"]}
@@ -89,6 +97,16 @@ def registerSegmentationConverterRules() -> None:
             factory.RegisterConverterRule(rule())
 
 
+def setSegmentTerminology(segment, terminology: str) -> None:
+    """Give a vtkSegment a terminology entry (``vtkSegment.SetTerminology`` is new in 5.10)."""
+    import slicer
+
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(str(terminology))
+    else:
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), str(terminology))
+
+
 @dataclass
 class SegmentationJob:
     """One auto-segmentation run: what was written, the child, where the result will be."""
@@ -128,9 +146,19 @@ class SegmentationResult:
     sidecar: dict[str, Any] | None = None  # what the CLI wrote next to the label map
 
 
+def sidecarPath(labelPath: str | Path) -> Path:
+    """Where ``masksam segment`` / ``prompt`` put the JSON of a label map: ``out/case.seg.nrrd``
+    -> ``out/case.json`` (the rule of ``MaskSAMLib.inference.outputs.sidecar_path``, which lives
+    in a module that imports torch)."""
+    stem, _ = split_extension(labelPath)
+    if stem.lower().endswith(".seg"):
+        stem = stem[:-4]
+    return Path(stem + ".json")
+
+
 def readSidecar(labelPath: Path) -> dict[str, Any] | None:
     """The JSON ``masksam segment`` writes next to its label map (``labels.json``)."""
-    path = labelPath.with_name(labelPath.name.split(".")[0] + ".json")
+    path = sidecarPath(labelPath)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -154,7 +182,7 @@ def describeSidecar(sidecar: dict[str, Any] | None) -> str:
     return "; ".join(p for p in parts if p)
 
 
-class SegmentationLogic:
+class SegmentationLogic(ChildLogic):
     """Auto-segment volume nodes with a MaskSAM model in a child process.
 
     Args:
@@ -166,19 +194,9 @@ class SegmentationLogic:
 
     def __init__(self, scene=None, *, python: str | None = None, tempRoot: str | None = None,
                  environment: dict[str, str] | None = None) -> None:
-        self._scene = scene
-        self.python = python or pythonExecutable()
+        super().__init__(scene, python=python, environment=environment)
         self.tempRoot = tempRoot
-        self.environment = environment
         self.keepTemporaryFiles = False
-
-    @property
-    def scene(self):
-        if self._scene is not None:
-            return self._scene
-        import slicer
-
-        return slicer.mrmlScene
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -395,13 +413,8 @@ class SegmentationLogic:
                 segmentId = segmentation.AddEmptySegment(str(lab["name"]), str(lab["name"]), color)
                 segmentIds.InsertNextValue(segmentId)
                 segment = segmentation.GetSegment(segmentId)
-                terminology = lab.get("terminology")
-                if terminology:
-                    if hasattr(segment, "SetTerminology"):
-                        segment.SetTerminology(str(terminology))
-                    else:  # vtkSegment.SetTerminology is new in Slicer 5.10
-                        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
-                                       str(terminology))
+                if lab.get("terminology"):
+                    setSegmentTerminology(segment, lab["terminology"])
             labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__masksam_tmp__")
             slicer.util.updateVolumeFromArray(labelmapNode, consecutive)
             labelmapNode.CopyOrientation(referenceVolumeNode)
