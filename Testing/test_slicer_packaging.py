@@ -261,7 +261,9 @@ def test_module_never_imports_torch_and_logic_never_imports_qt():
 
 #: The library modules the Slicer module may import (torch-free, numpy at most, at import).
 TORCH_FREE_LIBRARY = {"MaskSAMLib", "MaskSAMLib.errors", "MaskSAMLib.labels", "MaskSAMLib.files",
-                      "MaskSAMLib.models", "MaskSAMLib.terminology", "MaskSAMLib.config"}
+                      "MaskSAMLib.models", "MaskSAMLib.terminology", "MaskSAMLib.config",
+                      "MaskSAMLib.backbones", "MaskSAMLib.faults", "MaskSAMLib.data",
+                      "MaskSAMLib.data.nifti_checks"}
 
 
 def test_importing_the_module_logic_loads_no_torch():

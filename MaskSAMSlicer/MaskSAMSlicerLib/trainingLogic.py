@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from MaskSAMLib.backbones import BACKBONE_NAMES
 from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.labels import parse_labels
 
@@ -27,7 +28,7 @@ from .process import ChildLogic, ProcessRunner, childEnvironment, masksamCommand
 from .segmentationLogic import deviceValue
 from .trainingCases import MANIFEST_FILE, applyClassStyles, atomicWriteText, normalizeClassName
 
-BACKBONES = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
+BACKBONES = BACKBONE_NAMES  # the library's backbone table, one definition
 STOP_FILE = "STOP"
 
 
@@ -166,7 +167,7 @@ class TrainingLogic(ChildLogic):
             args += ["--init", str(path)]
         elif backbone is not None:
             if backbone not in BACKBONES:
-                raise InputError(f"Unknown backbone '{backbone}'; choose one of {BACKBONES}.")
+                raise InputError(f"Unknown backbone '{backbone}'; choose one of {', '.join(BACKBONES)}.")
             args += ["--backbone", backbone]
             if backbone.startswith("vit_"):
                 if not samCheckpoint or not Path(samCheckpoint).is_file():
