@@ -266,8 +266,8 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("where", ["writer", "fsync"])
+@pytest.mark.usefixtures("one_torch_thread")
 def test_disk_full_while_segment_writes(model_dir, image, tmp_path, capsys, monkeypatch, where):
-    torch.set_num_threads(1)
     out = tmp_path / "labels.nii.gz"
     assert main(["segment", str(image), "--model", str(model_dir), "--out", str(out),
                  "--device", "cpu", "--quiet"]) == 0
@@ -286,8 +286,8 @@ def test_disk_full_while_segment_writes(model_dir, image, tmp_path, capsys, monk
 
 
 @pytest.mark.parametrize("where", ["writer", "fsync"])
+@pytest.mark.usefixtures("one_torch_thread")
 def test_disk_full_while_writing_a_checkpoint(phantoms, tmp_path, capsys, monkeypatch, where):
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     base = ["train", str(phantoms), "--out", str(out), "--checkpoint-every", "2",
             "--val-fraction", "0", "--num-points", "256", "--batch-size", "1", "--workers", "0",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MaskSAMSlicer"
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install "

@@ -1,6 +1,6 @@
 """The module panel itself (MaskSAMSlicerLib/widget.py) running on PySide6, offscreen.
 
-``qt``/``ctk`` are PySide6 behind PythonQt-style proxies (``Testing/slicer_qt_shims.py``: a
+``qt``/``ctk`` are PySide6 behind PythonQt-style proxies (``Testing/slicer/slicer_qt_shims.py``: a
 property or signal that does not exist fails), the .ui is the real one with CTK/MRML
 stand-ins, the scene and nodes are real MRML (slicer-core), and the application-only parts of
 ``slicer`` (``slicer.app``, dialogs) are small stand-ins that record what the user would see.
@@ -33,7 +33,7 @@ import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 from PySide6 import QtCore  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MaskSAMSlicer"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MaskSAMSlicer.ui"
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MaskSAMSlicer"
 TOP_CMAKE = REPO / "CMakeLists.txt"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
@@ -418,7 +418,7 @@ def test_module_is_linted_like_the_library():
     if ruff is None:
         pytest.skip("ruff is not installed (it is in the [test] extra)")
     paths = ["MaskSAMSlicer", "MaskSAMLib/terminology.py",
-             *sorted(str(p.relative_to(REPO)) for p in (REPO / "Testing").glob("*slicer*.py"))]
+             *sorted(str(p.relative_to(REPO)) for p in (REPO / "Testing" / "slicer").glob("*.py"))]
     result = subprocess.run([ruff, "check", "--no-cache", *paths], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

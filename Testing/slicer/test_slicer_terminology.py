@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MaskSAMSlicer"
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")

@@ -28,7 +28,7 @@ from MaskSAMLib.modeling.litemedsam import (
 )
 from MaskSAMLib.modeling.tiny_vit import TinyViT, TinyViTBlock, set_batchnorm_eval
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_examples"
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "totalseg_examples"
 CT_WINDOW = (-160.0, 240.0)  # abdominal window (level 40, width 400)
 ORGANS = {"spleen": 1, "liver": 5}
 

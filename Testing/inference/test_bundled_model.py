@@ -17,7 +17,7 @@ from MaskSAMLib.files import sha256_file
 from MaskSAMLib.modeling.build import load_model_dir
 from MaskSAMLib.models import available_models, resolve_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REGISTRY = REPO / "Resources" / "models.json"
 ACDC = REPO.parent / "shared" / "data" / "acdc"
 

@@ -21,7 +21,7 @@ from MaskSAMLib.data.phantoms import PHANTOM_LABELS, make_phantom_case
 from MaskSAMLib.data.preprocessing import PreprocessConfig
 from MaskSAMLib.modeling.build import create_model, save_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = (40, 40, 16)
 LIVER_TERMINOLOGY = (
     "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "

@@ -22,7 +22,7 @@ from MaskSAMLib.data.io import (
 )
 from MaskSAMLib.errors import MaskSAMError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_examples"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "totalseg_examples"
 OBLIQUE = tuple(
     np.array([[0.9396926, -0.3420201, 0.0], [0.3420201, 0.9396926, 0.0], [0.0, 0.0, 1.0]]).reshape(
         -1

@@ -32,7 +32,7 @@ from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.labels import parse_labels
 from MaskSAMLib.modeling.build import create_model, save_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py

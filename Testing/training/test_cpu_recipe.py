@@ -23,7 +23,7 @@ from MaskSAMLib.inference.sliding_window import sliding_window_labels
 from MaskSAMLib.modeling.build import create_model, load_model_dir
 from MaskSAMLib.training.encoder_cache import CachedPatchSampler, encode_cases, padded_slices
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

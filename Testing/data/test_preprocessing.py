@@ -31,7 +31,7 @@ from MaskSAMLib.data.preprocessing import (
 from MaskSAMLib.data.resampling import resample_image_to_shape, resample_labels_to_shape
 from MaskSAMLib.errors import MaskSAMError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_examples"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "totalseg_examples"
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # Reference anatomy in the canonical frame: array (z, y, x) = (S, P, L).
 REF_GEOMETRY = Geometry((7, 6, 5), (0.5, 0.8, 2.0), (10.0, -20.0, 30.0), IDENTITY)

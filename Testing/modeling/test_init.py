@@ -17,7 +17,7 @@ from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.modeling.build import create_model, load_model_dir
 from MaskSAMLib.modeling.sam_import import sam_builders
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from MaskSAMLib.prompting.prompts import (
     prompts_from_dict,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO.parent / "shared" / "data" / "totalseg_examples"
 
 # Phantom: 48 x 48 x 26 voxels (x, y, z) of 2 x 2 x 3 mm, LPS identity direction.

@@ -20,7 +20,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="PySide6 is not installed")
 from PySide6 import QtCore, QtGui, QtUiTools  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MaskSAMSlicer"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MaskSAMSlicer.ui"
 #: The panel's code: the shell (widget.py) and its sections.

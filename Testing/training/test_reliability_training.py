@@ -27,7 +27,7 @@ from MaskSAMLib.data.phantoms import CASE_PREFIX, make_phantoms
 from MaskSAMLib.errors import MaskSAMError
 from MaskSAMLib.training.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = (32, 32, 16)
 
 

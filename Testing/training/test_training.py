@@ -25,7 +25,7 @@ from MaskSAMLib.modeling.build import create_model, save_model_dir
 from MaskSAMLib.modeling.surgery import extend_classes
 from MaskSAMLib.training.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = (40, 40, 16)
 
 
