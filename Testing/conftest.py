@@ -15,8 +15,9 @@ except ImportError:  # the torch-free Python 3.12 run (Testing/test_python312.py
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "totalseg_examples"
 
-if torch is not None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+if torch is not None:  # the cores this process may use (a taskset/cgroup limit), at most 2
+    _usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(min(2, _usable or 1))
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ PACKAGES = ("numpy", "SimpleITK", "scipy", "safetensors", "tqdm", "pytest", "pyt
 TORCH_FREE_TESTS = (
     "data/test_data_io.py", "data/test_dataset_json.py", "test_evaluation.py",
     "data/test_phantoms.py", "data/test_preprocessing.py", "test_terminology.py",
-    "slicer/test_slicer_install.py", "slicer/test_slicer_packaging.py",
-    "slicer/test_slicer_process.py", "slicer/test_slicer_panel_logic.py",
+    "slicer_module/test_slicer_install.py", "slicer_module/test_slicer_packaging.py",
+    "slicer_module/test_slicer_process.py", "slicer_module/test_slicer_panel_logic.py",
 )
 
 

@@ -3,8 +3,8 @@
 ``widget.py`` reads the GUI into these inputs, asks what to do, and writes the answers back
 into the widgets. Everything a user would notice (which buttons are enabled, what Apply and
 Start do with the chosen options, which messages appear) is decided here, so it is tested
-without the application (``Testing/slicer/test_slicer_panel_logic.py``), and the widget itself runs
-against PySide6 stand-ins (``Testing/slicer/test_slicer_widget.py``).
+without the application (``Testing/slicer_module/test_slicer_panel_logic.py``), and the widget
+itself runs against PySide6 stand-ins (``Testing/slicer_module/test_slicer_widget.py``).
 """
 
 from __future__ import annotations

@@ -167,7 +167,8 @@ class TrainingLogic(ChildLogic):
             args += ["--init", str(path)]
         elif backbone is not None:
             if backbone not in BACKBONES:
-                raise InputError(f"Unknown backbone '{backbone}'; choose one of {', '.join(BACKBONES)}.")
+                raise InputError(f"Unknown backbone '{backbone}'; choose one of "
+                                 f"{', '.join(BACKBONES)}.")
             args += ["--backbone", backbone]
             if backbone.startswith("vit_"):
                 if not samCheckpoint or not Path(samCheckpoint).is_file():

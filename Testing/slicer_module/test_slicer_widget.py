@@ -1,6 +1,6 @@
 """The module panel itself (MaskSAMSlicerLib/widget.py) running on PySide6, offscreen.
 
-``qt``/``ctk`` are PySide6 behind PythonQt-style proxies (``Testing/slicer/slicer_qt_shims.py``: a
+``qt``/``ctk`` are PySide6 behind PythonQt-style proxies (``slicer_qt_shims.py`` here: a
 property or signal that does not exist fails), the .ui is the real one with CTK/MRML
 stand-ins, the scene and nodes are real MRML (slicer-core), and the application-only parts of
 ``slicer`` (``slicer.app``, dialogs) are small stand-ins that record what the user would see.

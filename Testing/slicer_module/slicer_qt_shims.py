@@ -15,7 +15,7 @@ Inside Slicer, ``qt`` and ``ctk`` are PythonQt wrappers: a Qt property is a Pyth
   MRML nodes (slicer-core);
 - :func:`installQtModules` puts ``qt`` and ``ctk`` modules into ``sys.modules``.
 
-Used by ``Testing/slicer/test_slicer_widget.py``; nothing here is shipped.
+Used by ``Testing/slicer_module/test_slicer_widget.py``; nothing here is shipped.
 """
 
 from __future__ import annotations

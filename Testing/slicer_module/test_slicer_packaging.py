@@ -418,7 +418,8 @@ def test_module_is_linted_like_the_library():
     if ruff is None:
         pytest.skip("ruff is not installed (it is in the [test] extra)")
     paths = ["MaskSAMSlicer", "MaskSAMLib/terminology.py",
-             *sorted(str(p.relative_to(REPO)) for p in (REPO / "Testing" / "slicer").glob("*.py"))]
+             *sorted(str(p.relative_to(REPO))
+                     for p in (REPO / "Testing" / "slicer_module").glob("*.py"))]
     result = subprocess.run([ruff, "check", "--no-cache", *paths], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
